@@ -1,0 +1,197 @@
+"""The `diffusion-course` command: train, sample, evaluate, and train the metrics classifier.
+
+    diffusion-course train --dataset mnist --out runs/mnist --minutes 5
+    diffusion-course sample --checkpoint mnist --num 100 --labels all --guidance 3 --out s.npz
+    diffusion-course evaluate s.npz
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import checkpoints, data, metrics, sampling, schedules, training
+from .guidance import ClassifierFreeGuidance
+from .unet import UNet, UNetConfig
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffusion-course", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train a diffusion model from scratch (or resume)")
+    train.add_argument("--dataset", choices=sorted(data.DATASETS), default="mnist")
+    train.add_argument("--out", required=True, help="run folder for checkpoints")
+    train.add_argument("--minutes", type=float, help="wall-time budget in minutes (total, across resumes)")
+    train.add_argument("--steps", type=int, help="step budget (total, across resumes)")
+    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    train.add_argument("--unconditional", action="store_true", help="train without class labels")
+    train.add_argument("--base-channels", type=int, default=UNetConfig.base_channels)
+    train.add_argument("--schedule", choices=sorted(schedules.SCHEDULES), default="cosine")
+    train.add_argument("--batch-size", type=int, default=training.TrainConfig.batch_size)
+    train.add_argument("--lr", type=float, default=training.TrainConfig.lr)
+    train.add_argument("--checkpoint-every", type=int, default=500)
+    train.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default="auto")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, ...")
+    train.set_defaults(run=run_train)
+
+    sample = commands.add_parser("sample", help="generate images into an .npz file and a PNG grid")
+    sample.add_argument("--checkpoint", default="mnist", help="'mnist' (shipped) or a checkpoint/run folder")
+    sample.add_argument("--num", type=int, default=100)
+    sample.add_argument("--labels", default="all", help="'all' (spread over the classes), 'none', or e.g. 3,7")
+    sample.add_argument("--guidance", type=float, default=3.0, help="guidance scale w (1: none)")
+    sample.add_argument("--sampler", choices=sorted(sampling.SAMPLERS), default="dpm")
+    sample.add_argument("--steps", type=int, default=20, help="model calls (ignored by ddpm, which takes all)")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--batch-size", type=int, default=250)
+    sample.add_argument("--device", default="cpu")
+    sample.add_argument("--out", default="samples.npz")
+    sample.set_defaults(run=run_sample)
+
+    evaluate = commands.add_parser("evaluate", help="accuracy and Frechet distance of an .npz of samples")
+    evaluate.add_argument("file", help="an .npz written by `sample`")
+    evaluate.set_defaults(run=run_evaluate)
+
+    classifier = commands.add_parser("train-classifier", help="train the MNIST classifier used by evaluate")
+    classifier.add_argument("--out", default=str(metrics.CLASSIFIER_PATH))
+    classifier.add_argument("--epochs", type=int, default=2)
+    classifier.add_argument("--seed", type=int, default=0)
+    classifier.set_defaults(run=run_train_classifier)
+    return parser
+
+
+def run_train(args) -> int:
+    if args.minutes is None and args.steps is None:
+        raise ValueError("Give a budget: --minutes M, --steps N, or both.")
+    dataset = data.load_dataset(args.dataset)
+    num_classes = None if args.unconditional else len(data.CLASS_NAMES[args.dataset])
+    config = UNetConfig(in_channels=dataset.images.shape[1], image_size=dataset.images.shape[2],
+                        base_channels=args.base_channels, num_classes=num_classes)
+    torch.manual_seed(args.seed)
+    model = UNet(config).to(args.device)
+    schedule = schedules.SCHEDULES[args.schedule]()
+    train_config = training.TrainConfig(steps=args.steps, minutes=args.minutes, batch_size=args.batch_size,
+                                        lr=args.lr, checkpoint_every=args.checkpoint_every,
+                                        precision=args.precision, seed=args.seed)
+    labels = None if num_classes is None else dataset.labels.to(args.device)
+    result = training.train(model, dataset.images.to(args.device), schedule, train_config, labels,
+                            out_dir=args.out, resume=args.resume, dataset=args.dataset)
+    print(f"trained {result.step} steps in {result.seconds / 60:.1f} minutes; "
+          f"latest checkpoint: {checkpoints.latest_checkpoint(args.out)}")
+    return 0
+
+
+def parse_labels(text: str, num: int, num_classes: int | None) -> torch.Tensor | None:
+    """'all' -> num labels spread evenly over the classes; 'none' -> None; '3,7' -> cycled."""
+    if text == "none":
+        return None
+    if num_classes is None:
+        raise ValueError("This checkpoint is unconditional: use --labels none.")
+    if text == "all":
+        return torch.arange(num) % num_classes
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--labels must be 'all', 'none' or comma-separated integers, got {text!r}.") from None
+    if any(not 0 <= v < num_classes for v in values):
+        raise ValueError(f"--labels must lie in [0, {num_classes}), got {text!r}.")
+    return torch.tensor(values)[torch.arange(num) % len(values)]
+
+
+def generate(model, schedule, num: int, labels: torch.Tensor | None, guidance: float = 3.0,
+             sampler: str = "dpm", steps: int | None = 20, seed: int = 0, batch_size: int = 250,
+             negative: int | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
+    """Sample `num` images in batches; returns (num, C, H, W) floats in [-1, 1]. The same seed
+    gives the same images whatever the batch size."""
+    config = model.config
+    if model.null_class is not None and (guidance != 1.0 or negative is not None):
+        model = ClassifierFreeGuidance(model, guidance, negative)
+    generator = torch.Generator(device).manual_seed(seed)
+    x_T = torch.randn(num, config.in_channels, config.image_size, config.image_size,
+                      generator=generator, device=device)
+    cond = None if labels is None else labels.to(device)
+    out = []
+    for start in range(0, num, batch_size):
+        part = slice(start, start + batch_size)
+        out.append(sampling.sample(model, x_T[part], schedule, sampler,
+                                   None if sampler == "ddpm" else steps,
+                                   cond=None if cond is None else cond[part], generator=generator))
+    return torch.cat(out).clamp(-1, 1)
+
+
+def run_sample(args) -> int:
+    checkpoint = checkpoints.load_checkpoint(args.checkpoint, args.device)
+    if args.num < 1:
+        raise ValueError(f"--num must be at least 1, got {args.num}.")
+    labels = parse_labels(args.labels, args.num, checkpoint.model.null_class)
+    start = time.perf_counter()
+    images = generate(checkpoint.model, checkpoint.schedule, args.num, labels, args.guidance, args.sampler,
+                      args.steps, args.seed, args.batch_size, getattr(args, "negative", None), args.device)
+    seconds = time.perf_counter() - start
+    save_samples(args.out, images, labels)
+    print(f"wrote {args.num} samples to {args.out} (and {Path(args.out).with_suffix('.png')}) "
+          f"in {seconds:.1f} s")
+    return 0
+
+
+def save_samples(path: str | Path, images: torch.Tensor, labels: torch.Tensor | None) -> None:
+    """Write images (N, C, H, W in [-1, 1]) as uint8 to an .npz, with a PNG grid beside it."""
+    import torchvision.utils
+
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise ValueError(f"--out must end in .npz, got {path}.")
+    pixels = data.to_image_range(images).permute(0, 2, 3, 1).cpu().numpy()
+    pixels = pixels[..., 0] if pixels.shape[-1] == 1 else pixels
+    label_array = np.full(len(images), -1, dtype=np.int64) if labels is None else labels.cpu().numpy().astype(np.int64)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".partial.npz")
+    np.savez_compressed(tmp, images=pixels, labels=label_array)
+    tmp.replace(path)
+    nrow = 10 if labels is not None else int(len(images) ** 0.5) or 1
+    torchvision.utils.save_image((images[:200] + 1) / 2, path.with_suffix(".png"), nrow=nrow, padding=1)
+
+
+def load_samples(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read an .npz written by `sample`: (N, C, H, W) floats in [-1, 1] and (N,) labels."""
+    try:
+        with np.load(path) as f:
+            pixels, labels = f["images"], f["labels"]
+    except (OSError, KeyError, ValueError) as error:
+        raise ValueError(f"{path} is not a samples file with 'images' and 'labels' arrays ({error}).") from None
+    images = torch.from_numpy(pixels)
+    images = images[:, None] if images.ndim == 3 else images.permute(0, 3, 1, 2)
+    return data.to_model_range(images), torch.from_numpy(labels)
+
+
+def run_evaluate(args) -> int:
+    images, labels = load_samples(args.file)
+    report = metrics.evaluate_samples(images, labels)
+    print(metrics.format_report(report))
+    return 0
+
+
+def run_train_classifier(args) -> int:
+    accuracy = metrics.train_classifier(args.out, epochs=args.epochs, seed=args.seed)
+    print(f"saved the classifier to {args.out}; test accuracy {accuracy:.2%}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""A small, readable U-Net that predicts the noise in a noisy image.
+
+Contract, shared by every model in the course:
+
+    model(x_t, t, cond=None) -> eps_pred      (same shape as x_t)
+
+x_t is (B, C, H, W), t is (B,) int64 in [0, T), cond is (B,) int64 class labels or None.
+The network knows nothing about betas: it only sees the step number t.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int = 1                 # 1 for MNIST, 3 for CIFAR-10
+    image_size: int = 28                 # 28 (MNIST) or 32 (CIFAR-10); must divide by 2**(levels-1)
+    base_channels: int = 16              # channels at full resolution
+    channel_mults: tuple = (1, 2, 4)     # channels per level = base_channels * mult; each level halves H, W
+    num_res_blocks: int = 1              # residual blocks per level on the way down
+    num_classes: int | None = None       # None: unconditional; else labels 0..num_classes-1 plus a null class
+    dropout: float = 0.0                 # dropout inside residual blocks
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["channel_mults"] = list(self.channel_mults)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "UNetConfig":
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"Unknown UNetConfig fields {sorted(unknown)}; expected some of {sorted(known)}.")
+        d = dict(d)
+        if "channel_mults" in d:
+            d["channel_mults"] = tuple(d["channel_mults"])
+        return cls(**d)
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding of the timesteps (Vaswani et al. 2017, Sec. 3.5; DDPM, App. B).
+
+    Args:
+        t: (B,) timesteps (int or float).
+        dim: even embedding size.
+    Returns:
+        (B, dim) float32: [sin(t * f_0), ..., sin(t * f_{dim/2-1}), cos(t * f_0), ...]
+        with frequencies f_i = max_period ** (-i / (dim / 2)).
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    angles = t.float()[:, None] * freqs[None, :]
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with up to 8 groups (fewer if the channel count does not divide)."""
+    groups = math.gcd(8, channels)
+    return nn.GroupNorm(groups, channels)
+
+
+class ResBlock(nn.Module):
+    """Two 3x3 convolutions with GroupNorm and SiLU, the time embedding added in between,
+    and a skip connection around both (Ho et al. 2020, following Wide ResNets)."""
+
+    def __init__(self, in_channels: int, out_channels: int, emb_dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = group_norm(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.emb_proj = nn.Linear(emb_dim, out_channels)
+        self.norm2 = group_norm(out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb_proj(F.silu(emb))[:, :, None, None]   # one shift per channel, from t (and the class)
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over all pixels of a (small) feature map, with a skip connection."""
+
+    def __init__(self, channels: int, num_heads: int = 4):
+        super().__init__()
+        self.norm = group_norm(channels)
+        self.attn = nn.MultiheadAttention(channels, num_heads, batch_first=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        tokens = self.norm(x).flatten(2).transpose(1, 2)          # (B, H*W, C)
+        out, _ = self.attn(tokens, tokens, tokens, need_weights=False)
+        return x + out.transpose(1, 2).reshape(b, c, h, w)
+
+
+class UNet(nn.Module):
+    """Encoder-decoder with skip connections; self-attention at the lowest resolution."""
+
+    def __init__(self, config: UNetConfig = UNetConfig()):
+        super().__init__()
+        self.config = config
+        levels = len(config.channel_mults)
+        if config.image_size % (2 ** (levels - 1)):
+            raise ValueError(f"image_size {config.image_size} must be divisible by 2**{levels - 1} "
+                             f"for {levels} levels (channel_mults={config.channel_mults}).")
+        base = config.base_channels
+        emb_dim = 4 * base
+        self.time_mlp = nn.Sequential(nn.Linear(base, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        # Class labels 0..num_classes-1, plus one extra "null" label (index num_classes) meaning
+        # "no condition", used for label dropout and classifier-free guidance.
+        self.class_emb = nn.Embedding(config.num_classes + 1, emb_dim) if config.num_classes else None
+
+        self.conv_in = nn.Conv2d(config.in_channels, base, 3, padding=1)
+        channels = [base * m for m in config.channel_mults]
+        self.down = nn.ModuleList()
+        self.downsample = nn.ModuleList()
+        skip_channels = [base]
+        ch = base
+        for level, out_ch in enumerate(channels):
+            blocks = nn.ModuleList()
+            for _ in range(config.num_res_blocks):
+                blocks.append(ResBlock(ch, out_ch, emb_dim, config.dropout))
+                ch = out_ch
+                skip_channels.append(ch)
+            self.down.append(blocks)
+            last = level == levels - 1
+            self.downsample.append(nn.Identity() if last else nn.Conv2d(ch, ch, 3, stride=2, padding=1))
+            if not last:
+                skip_channels.append(ch)
+
+        self.mid1 = ResBlock(ch, ch, emb_dim, config.dropout)
+        self.mid_attn = SelfAttention(ch)
+        self.mid2 = ResBlock(ch, ch, emb_dim, config.dropout)
+
+        self.up = nn.ModuleList()
+        self.upsample = nn.ModuleList()
+        for level, out_ch in reversed(list(enumerate(channels))):
+            blocks = nn.ModuleList()
+            for _ in range(config.num_res_blocks + 1):
+                blocks.append(ResBlock(ch + skip_channels.pop(), out_ch, emb_dim, config.dropout))
+                ch = out_ch
+            self.up.append(blocks)
+            self.upsample.append(nn.Identity() if level == 0 else
+                                 nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                                               nn.Conv2d(ch, ch, 3, padding=1)))
+        self.norm_out = group_norm(ch)
+        self.conv_out = nn.Conv2d(ch, config.in_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)   # start by predicting zero noise: a calm first step
+        nn.init.zeros_(self.conv_out.bias)
+
+    @property
+    def null_class(self) -> int | None:
+        """The label meaning "no condition" (None for an unconditional model)."""
+        return self.config.num_classes
+
+    def embed(self, t: Tensor, cond: Tensor | None) -> Tensor:
+        """Time embedding, plus the class embedding when the model is conditional."""
+        emb = self.time_mlp(timestep_embedding(t, self.config.base_channels))
+        if self.class_emb is not None:
+            if cond is None:
+                cond = torch.full_like(t, self.null_class)
+            emb = emb + self.class_emb(cond)
+        return emb
+
+    def forward(self, x_t: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+        self._check_inputs(x_t, t, cond)
+        emb = self.embed(t, cond)
+        h = self.conv_in(x_t)
+        skips = [h]
+        for blocks, downsample in zip(self.down, self.downsample):
+            for block in blocks:
+                h = block(h, emb)
+                skips.append(h)
+            if not isinstance(downsample, nn.Identity):
+                h = downsample(h)
+                skips.append(h)
+        h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
+        for blocks, upsample in zip(self.up, self.upsample):
+            for block in blocks:
+                h = block(torch.cat([h, skips.pop()], dim=1), emb)
+            h = upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+    def _check_inputs(self, x_t: Tensor, t: Tensor, cond: Tensor | None) -> None:
+        c, size = self.config.in_channels, self.config.image_size
+        if x_t.ndim != 4 or x_t.shape[1] != c or x_t.shape[2:] != (size, size):
+            raise ValueError(f"x_t must have shape (B, {c}, {size}, {size}) for this model, "
+                             f"got {tuple(x_t.shape)}.")
+        if t.dtype != torch.int64 or t.shape != (x_t.shape[0],):
+            raise ValueError(f"t must be an int64 tensor of shape ({x_t.shape[0]},), "
+                             f"got {t.dtype} of shape {tuple(t.shape)}.")
+        if cond is None:
+            return
+        if self.class_emb is None:
+            raise ValueError("This model is unconditional (num_classes=None); call it with cond=None.")
+        if cond.dtype != torch.int64 or cond.shape != (x_t.shape[0],):
+            raise ValueError(f"cond must be an int64 tensor of shape ({x_t.shape[0]},), "
+                             f"got {cond.dtype} of shape {tuple(cond.shape)}.")
+        if cond.numel() and (int(cond.min()) < 0 or int(cond.max()) > self.null_class):
+            raise ValueError(f"cond labels must lie in [0, {self.null_class}] "
+                             f"({self.null_class} is the null class), got {cond.tolist()[:8]}...")
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
