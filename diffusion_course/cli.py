@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--num", type=int, default=100)
     sample.add_argument("--labels", default="all", help="'all' (spread over the classes), 'none', or e.g. 3,7")
     sample.add_argument("--guidance", type=float, default=3.0, help="guidance scale w (1: none)")
+    sample.add_argument("--negative", type=int, help="a class to steer away from (negative condition)")
     sample.add_argument("--sampler", choices=sorted(sampling.SAMPLERS), default="dpm")
     sample.add_argument("--steps", type=int, default=20, help="model calls (ignored by ddpm, which takes all)")
     sample.add_argument("--seed", type=int, default=0)
@@ -63,6 +64,22 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--device", default="cpu")
     sample.add_argument("--out", default="samples.npz")
     sample.set_defaults(run=run_sample)
+
+    edit = commands.add_parser("edit", help="image-to-image (--strength) or inpainting (--mask) of an image")
+    edit.add_argument("--checkpoint", default="mnist")
+    source = edit.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", help="a PNG/JPEG image (resized to the model's size; grey for MNIST)")
+    source.add_argument("--test-digit", type=int, help="index of an MNIST test-set digit")
+    edit.add_argument("--strength", type=float, default=0.6, help="img2img: 0 keeps the image, 1 ignores it")
+    edit.add_argument("--mask", choices=sorted(MASKS), help="inpaint this region instead of img2img")
+    edit.add_argument("--label", type=int, help="class to steer towards (default: unconditional)")
+    edit.add_argument("--num", type=int, default=8, help="how many variations")
+    edit.add_argument("--guidance", type=float, default=3.0)
+    edit.add_argument("--sampler", choices=sorted(sampling.SAMPLERS), default="ddim")
+    edit.add_argument("--steps", type=int, default=50)
+    edit.add_argument("--seed", type=int, default=0)
+    edit.add_argument("--out", default="edited.npz")
+    edit.set_defaults(run=run_edit)
 
     evaluate = commands.add_parser("evaluate", help="accuracy and Frechet distance of an .npz of samples")
     evaluate.add_argument("file", help="an .npz written by `sample`")
@@ -178,6 +195,63 @@ def load_samples(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     images = torch.from_numpy(pixels)
     images = images[:, None] if images.ndim == 3 else images.permute(0, 3, 1, 2)
     return data.to_model_range(images), torch.from_numpy(labels)
+
+
+def make_mask(name: str, size: int) -> torch.Tensor:
+    """A (1, 1, size, size) mask, 1 in the region to regenerate: a half, the centre, or a border."""
+    mask = torch.zeros(1, 1, size, size)
+    half, quarter = size // 2, size // 4
+    regions = {"left": (slice(None), slice(0, half)), "right": (slice(None), slice(half, None)),
+               "top": (slice(0, half), slice(None)), "bottom": (slice(half, None), slice(None)),
+               "center": (slice(quarter, size - quarter), slice(quarter, size - quarter))}
+    mask[0, 0][regions[name]] = 1
+    return mask
+
+
+MASKS = ("left", "right", "top", "bottom", "center")
+
+
+def load_image(path: str, channels: int, size: int) -> torch.Tensor:
+    """Read an image file as a (1, channels, size, size) tensor in [-1, 1]."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(path).convert("L" if channels == 1 else "RGB").resize((size, size))
+    except (OSError, UnidentifiedImageError) as error:
+        raise ValueError(f"Could not read the image {path!r} ({error}).") from None
+    pixels = torch.from_numpy(np.array(image)).reshape(size, size, channels).permute(2, 0, 1)
+    return data.to_model_range(pixels)[None]
+
+
+def run_edit(args) -> int:
+    from . import editing
+
+    checkpoint = checkpoints.load_checkpoint(args.checkpoint)
+    model, config = checkpoint.model, checkpoint.model.config
+    if args.image is not None:
+        image = load_image(args.image, config.in_channels, config.image_size)
+    else:
+        test = data.load_dataset(checkpoint.info.get("dataset") or "mnist", train=False)
+        if not 0 <= args.test_digit < len(test.images):
+            raise ValueError(f"--test-digit must lie in [0, {len(test.images)}), got {args.test_digit}.")
+        image = test.images[args.test_digit:args.test_digit + 1]
+    if not 0 <= args.strength <= 1:
+        raise ValueError(f"--strength must lie in [0, 1], got {args.strength}.")
+    images = image.expand(args.num, -1, -1, -1).contiguous()
+    labels = parse_labels(str(args.label), args.num, model.null_class) if args.label is not None else None
+    if model.null_class is not None and args.guidance != 1.0 and labels is not None:
+        model = ClassifierFreeGuidance(model, args.guidance)
+    generator = torch.Generator().manual_seed(args.seed)
+    if args.mask is not None:
+        mask = make_mask(args.mask, config.image_size)
+        out = editing.inpaint(model, images, mask, checkpoint.schedule, args.sampler, args.steps, labels, generator)
+    else:
+        out = editing.img2img(model, images, checkpoint.schedule, args.strength, args.sampler, args.steps,
+                              labels, generator)
+    save_samples(args.out, torch.cat([image, out.clamp(-1, 1)]),
+                 torch.cat([torch.tensor([-1]), labels if labels is not None else torch.full((args.num,), -1)]))
+    print(f"wrote the original and {args.num} edits to {args.out} (and {Path(args.out).with_suffix('.png')})")
+    return 0
 
 
 def run_evaluate(args) -> int:

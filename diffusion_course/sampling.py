@@ -4,9 +4,10 @@ Every sampler takes a model with the course's contract `model(x_t, t, cond) -> e
 the starting noise `x_T`, and a NoiseSchedule. Randomness comes from `generator` (a
 torch.Generator), so the same seed gives the same images.
 
-`callback(i, t, x_t, x0_pred)` is called after each step i with the new x_t and the model's
-current guess of x_0 (the widgets use it to show the reverse process). If it returns a tensor,
-that tensor replaces x_t: this is how inpainting keeps the known pixels (see editing.py).
+`callback(i, t, x_t, x0_pred)` is called after each step i with the new sample x_t, the
+timestep t it is at (an int; -1 once it is clean), and the model's guess of x_0 made during
+that step (the widgets use it to show the reverse process). If it returns a tensor, that
+tensor replaces x_t: this is how inpainting keeps the known pixels (see editing.py).
 
 `t_start` (default T - 1) is the timestep x_T is at; img2img starts part of the way down.
 """
@@ -100,7 +101,7 @@ def ddpm_sample(model, x_T: Tensor, schedule: NoiseSchedule, cond: Tensor | None
         x0_pred = predict_x0(x, t, eps_pred, schedule)
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         x = ddpm_step(x, t, eps_pred, schedule, noise)
-        x = _run_callback(callback, i, step, x, x0_pred)
+        x = _run_callback(callback, i, step - 1, x, x0_pred)
     return x
 
 
@@ -120,7 +121,7 @@ def ddim_sample(model, x_T: Tensor, schedule: NoiseSchedule, num_steps: int = 50
         x0_pred = predict_x0(x, t, eps_pred, schedule)
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if eta > 0 else None
         x = ddim_step(x, t, t_prev, eps_pred, schedule, eta, noise)
-        x = _run_callback(callback, i, step, x, x0_pred)
+        x = _run_callback(callback, i, int(t_prev[0]), x, x0_pred)
     return x
 
 
@@ -169,7 +170,7 @@ def dpm_solver_sample(model, x_T: Tensor, schedule: NoiseSchedule, num_steps: in
         x0_pred = predict_x0(x, t, model(x, t, cond), schedule)
         x = dpm_solver_step(x, t, t_prev, x0_pred, schedule, previous)
         previous = (x0_pred, t)
-        x = _run_callback(callback, i, step, x, x0_pred)
+        x = _run_callback(callback, i, int(t_prev[0]), x, x0_pred)
     return x
 
 
@@ -234,8 +235,8 @@ def _full(x: Tensor, step: int) -> Tensor:
     return torch.full((x.shape[0],), step, dtype=torch.long, device=x.device)
 
 
-def _run_callback(callback: Callback | None, i: int, step: int, x: Tensor, x0_pred: Tensor) -> Tensor:
+def _run_callback(callback: Callback | None, i: int, t: int, x: Tensor, x0_pred: Tensor) -> Tensor:
     if callback is None:
         return x
-    replaced = callback(i, step, x, x0_pred)
+    replaced = callback(i, t, x, x0_pred)
     return x if replaced is None else replaced

@@ -62,20 +62,22 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm with up to 8 groups (fewer if the channel count does not divide)."""
-    groups = math.gcd(8, channels)
+    """GroupNorm with up to 8 groups of at least 4 channels each (fewer groups for few channels)."""
+    groups = math.gcd(8, max(1, channels // 4))
     return nn.GroupNorm(groups, channels)
 
 
 class ResBlock(nn.Module):
-    """Two 3x3 convolutions with GroupNorm and SiLU, the time embedding added in between,
-    and a skip connection around both (Ho et al. 2020, following Wide ResNets)."""
+    """Two 3x3 convolutions with GroupNorm and SiLU and a skip connection around both (Ho et al.
+    2020, after Wide ResNets). In between, the time embedding (plus the class) scales and shifts
+    every channel of the normalised features (Nichol and Dhariwal 2021's "scale-shift norm").
+    It comes after the norm: added before it, a per-channel shift would be normalised away."""
 
     def __init__(self, in_channels: int, out_channels: int, emb_dim: int, dropout: float = 0.0):
         super().__init__()
         self.norm1 = group_norm(in_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.emb_proj = nn.Linear(emb_dim, out_channels)
+        self.emb_proj = nn.Linear(emb_dim, 2 * out_channels)   # a scale and a shift per channel
         self.norm2 = group_norm(out_channels)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
@@ -83,8 +85,9 @@ class ResBlock(nn.Module):
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.emb_proj(F.silu(emb))[:, :, None, None]   # one shift per channel, from t (and the class)
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        scale, shift = self.emb_proj(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
 
@@ -193,9 +196,12 @@ class UNet(nn.Module):
 
     def _check_inputs(self, x_t: Tensor, t: Tensor, cond: Tensor | None) -> None:
         c, size = self.config.in_channels, self.config.image_size
-        if x_t.ndim != 4 or x_t.shape[1] != c or x_t.shape[2:] != (size, size):
-            raise ValueError(f"x_t must have shape (B, {c}, {size}, {size}) for this model, "
-                             f"got {tuple(x_t.shape)}.")
+        factor = 2 ** (len(self.config.channel_mults) - 1)
+        if x_t.ndim != 4 or x_t.shape[1] != c or x_t.shape[2] % factor or x_t.shape[3] % factor:
+            # Trained on size x size, but any canvas whose sides divide by `factor` runs
+            # (it is fully convolutional): outpainting uses a larger canvas.
+            raise ValueError(f"x_t must have shape (B, {c}, H, W) with H and W divisible by {factor} "
+                             f"(trained on {size}x{size}), got {tuple(x_t.shape)}.")
         if t.dtype != torch.int64 or t.shape != (x_t.shape[0],):
             raise ValueError(f"t must be an int64 tensor of shape ({x_t.shape[0]},), "
                              f"got {t.dtype} of shape {tuple(t.shape)}.")

@@ -1,0 +1,135 @@
+"""Editing real images with a trained model: image-to-image (SDEdit), inpainting, outpainting.
+
+All three reuse the samplers of sampling.py unchanged, with any model (guided or not):
+
+- img2img (Meng et al. 2022, SDEdit): noise the image part of the way (to a timestep set by
+  `strength`), then run the reverse process from there. Strength 0 returns the image, strength
+  1 starts from pure noise and ignores it.
+- inpaint (the "replacement" method, Lugmayr et al. 2022 without resampling): after every
+  reverse step, overwrite the known pixels with the original noised to the same timestep, so
+  the model only invents the masked region, in keeping with what is around it.
+- outpaint: inpainting on a larger canvas whose new border is the masked region.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import sampling
+from .schedules import NoiseSchedule, q_sample
+
+
+class StartPoint(NamedTuple):
+    x_t: Tensor    # (B, C, H, W) the noised image to start the reverse process from
+    t_start: int   # its timestep, in [0, T)
+
+
+def img2img_start(x0: Tensor, strength: float, schedule: NoiseSchedule, noise: Tensor | None = None) -> StartPoint:
+    """SDEdit's starting point: x0 noised to the timestep t_start = ceil(strength * T) - 1.
+
+    Args:
+        x0: (B, C, H, W) images in [-1, 1].
+        strength: in (0, 1]; how far towards pure noise to go (1: all the way).
+    """
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must lie in (0, 1] here (0 means 'no edit'), got {strength}.")
+    if noise is None:
+        noise = torch.randn_like(x0)
+    t_start = max(0, int(torch.tensor(strength * schedule.num_steps).ceil()) - 1)
+    if strength == 1.0:
+        return StartPoint(noise, t_start)       # pure noise: the input is ignored entirely
+    t = torch.full((x0.shape[0],), t_start, dtype=torch.long, device=x0.device)
+    return StartPoint(q_sample(x0, t, schedule, noise), t_start)
+
+
+def img2img(model, x0: Tensor, schedule: NoiseSchedule, strength: float = 0.6, sampler: str = "ddim",
+            num_steps: int | None = 50, cond: Tensor | None = None,
+            generator: torch.Generator | None = None) -> Tensor:
+    """Image-to-image: keep the rough layout of x0, redraw the details (SDEdit).
+
+    num_steps counts model calls for the whole 0..T range; a strength of 0.5 takes about half
+    of them (DDPM takes every step from t_start down). Returns (B, C, H, W) in about [-1, 1].
+    """
+    _check_images(x0)
+    if strength == 0:
+        return x0.clone()
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    start = img2img_start(x0, strength, schedule, noise)
+    steps = None if sampler == "ddpm" else max(1, min(start.t_start + 1, round(num_steps * strength)))
+    return sampling.sample(model, start.x_t, schedule, sampler, steps, cond=cond, generator=generator,
+                           t_start=start.t_start)
+
+
+def inpaint_step(x_t: Tensor, t: int, x_known: Tensor, mask: Tensor, schedule: NoiseSchedule,
+                 noise: Tensor | None = None) -> Tensor:
+    """Keep the generated pixels inside the mask and put back the known ones outside it.
+
+        x_t <- mask * x_t + (1 - mask) * q_sample(x_known, t)
+
+    Args:
+        x_t: (B, C, H, W) the sample after a reverse step, at timestep t (-1: clean).
+        mask: (B or 1, 1 or C, H, W), 1 where pixels are to be generated, 0 where they are known.
+    """
+    if t < 0:
+        known_t = x_known                        # the last step: the known pixels exactly
+    else:
+        t_batch = torch.full((x_t.shape[0],), t, dtype=torch.long, device=x_t.device)
+        known_t = q_sample(x_known, t_batch, schedule, noise)
+    return mask * x_t + (1 - mask) * known_t
+
+
+def inpaint(model, image: Tensor, mask: Tensor, schedule: NoiseSchedule, sampler: str = "ddim",
+            num_steps: int | None = 50, cond: Tensor | None = None,
+            generator: torch.Generator | None = None) -> Tensor:
+    """Regenerate the masked region of `image` (1 in `mask`) and keep the rest.
+
+    Args:
+        image: (B, C, H, W) in [-1, 1]; its pixels under the mask are ignored.
+        mask: (B or 1, 1 or C, H, W) with values in {0, 1}; 1 = generate.
+    Returns:
+        (B, C, H, W); equal to `image` outside the mask.
+    """
+    _check_images(image)
+    mask = _check_mask(mask, image)
+
+    def keep_known(i: int, t: int, x_t: Tensor, x0_pred: Tensor) -> Tensor:
+        noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+        return inpaint_step(x_t, t, image, mask, schedule, noise)
+
+    x_T = torch.randn(image.shape, generator=generator, device=image.device, dtype=image.dtype)
+    return sampling.sample(model, x_T, schedule, sampler, None if sampler == "ddpm" else num_steps,
+                           cond=cond, generator=generator, callback=keep_known)
+
+
+def outpaint(model, image: Tensor, schedule: NoiseSchedule, left: int = 0, right: int = 0, top: int = 0,
+             bottom: int = 0, **inpaint_kwargs) -> Tensor:
+    """Extend the canvas by the given number of pixels on each side and fill the new border.
+
+    The network is convolutional, so it runs on the larger canvas; its sides must divide by
+    the U-Net's downsampling factor (4 for the course model). Returns the larger images.
+    """
+    _check_images(image)
+    canvas = F.pad(image, (left, right, top, bottom), value=-1.0)     # -1 is black
+    mask = F.pad(torch.zeros_like(image[:1, :1]), (left, right, top, bottom), value=1.0)
+    return inpaint(model, canvas, mask, schedule, **inpaint_kwargs)
+
+
+def _check_images(images: Tensor) -> None:
+    if images.ndim != 4 or not images.is_floating_point():
+        raise ValueError(f"images must be a float (B, C, H, W) tensor in [-1, 1], got {images.dtype} "
+                         f"of shape {tuple(images.shape)}.")
+
+
+def _check_mask(mask: Tensor, image: Tensor) -> Tensor:
+    mask = mask.to(image.device, image.dtype)
+    if mask.ndim != 4 or mask.shape[-2:] != image.shape[-2:] or mask.shape[0] not in (1, image.shape[0]) \
+            or mask.shape[1] not in (1, image.shape[1]):
+        raise ValueError(f"mask must have shape (1 or {image.shape[0]}, 1 or {image.shape[1]}, "
+                         f"{image.shape[2]}, {image.shape[3]}) to match the image, got {tuple(mask.shape)}.")
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("mask must hold only 0 (keep) and 1 (generate).")
+    return mask

@@ -1,0 +1,440 @@
+"""The exercise checkers accept the reference, wait for stubs, and diagnose the usual mistakes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffusion_course import checks, guidance, sampling, schedules, training, unet
+from diffusion_course.schedules import gather
+
+
+@pytest.fixture(autouse=True)
+def lenient(monkeypatch):
+    """Checkers run in their notebook mode unless a test turns strict mode on."""
+    monkeypatch.delenv(checks.STRICT_ENV, raising=False)
+
+
+def not_done(*args, **kwargs):
+    raise NotImplementedError("Exercise: write this function")
+
+
+# ----------------------------------------------------------------------------------------------
+# Mistakes, written the way a learner might write them.
+
+def q_sample_rand(x0, t, schedule, noise=None):
+    noise = torch.rand_like(x0) if noise is None else noise
+    return schedules.q_sample(x0, t, schedule, noise)
+
+
+def q_sample_alpha(x0, t, schedule, noise=None):
+    noise = torch.randn_like(x0) if noise is None else noise
+    alpha_t = gather(schedule.alpha, t, x0)
+    return alpha_t.sqrt() * x0 + (1 - alpha_t).sqrt() * noise
+
+
+def q_sample_no_sqrt(x0, t, schedule, noise=None):
+    noise = torch.randn_like(x0) if noise is None else noise
+    alpha_bar_t = gather(schedule.alpha_bar, t, x0)
+    return alpha_bar_t * x0 + (1 - alpha_bar_t) * noise
+
+
+def q_sample_t_plus_one(x0, t, schedule, noise=None):
+    return schedules.q_sample(x0, t + 1, schedule, noise)
+
+
+def q_sample_t_minus_one(x0, t, schedule, noise=None):
+    alpha_bar_t = gather(schedule.alpha_bar, t - 1, x0)
+    noise = torch.randn_like(x0) if noise is None else noise
+    return alpha_bar_t.sqrt() * x0 + (1 - alpha_bar_t).sqrt() * noise
+
+
+def q_sample_swapped(x0, t, schedule, noise=None):
+    noise = torch.randn_like(x0) if noise is None else noise
+    alpha_bar_t = gather(schedule.alpha_bar, t, x0)
+    return (1 - alpha_bar_t).sqrt() * x0 + alpha_bar_t.sqrt() * noise
+
+
+def q_sample_no_reshape(x0, t, schedule, noise=None):
+    noise = torch.randn_like(x0) if noise is None else noise
+    alpha_bar_t = schedule.alpha_bar[t]
+    return alpha_bar_t.sqrt() * x0 + (1 - alpha_bar_t).sqrt() * noise
+
+
+def q_sample_bad_reshape(x0, t, schedule, noise=None):
+    noise = torch.randn_like(x0) if noise is None else noise
+    alpha_bar_t = schedule.alpha_bar[t][:, None, None]
+    return alpha_bar_t.sqrt() * x0 + (1 - alpha_bar_t).sqrt() * noise
+
+
+def q_sample_ignores_noise(x0, t, schedule, noise=None):
+    return schedules.q_sample(x0, t, schedule, torch.randn_like(x0))
+
+
+def _cosine_f(steps, num_steps, s):
+    return torch.cos((steps / num_steps + s) / (1 + s) * math.pi / 2) ** 2
+
+
+def cosine_unnormalised(num_steps, s=0.008):
+    return _cosine_f(torch.arange(1, num_steps + 1, dtype=torch.float64), num_steps, s)
+
+
+def cosine_too_long(num_steps, s=0.008):
+    f = _cosine_f(torch.arange(num_steps + 1, dtype=torch.float64), num_steps, s)
+    return f / f[0]
+
+
+def cosine_from_zero(num_steps, s=0.008):
+    f = _cosine_f(torch.arange(num_steps, dtype=torch.float64), num_steps, s)
+    return f / f[0]
+
+
+def cosine_not_squared(num_steps, s=0.008):
+    steps = torch.arange(num_steps + 1, dtype=torch.float64)
+    f = torch.cos((steps / num_steps + s) / (1 + s) * math.pi / 2)
+    return (f / f[0])[1:]
+
+
+def cosine_fixed_s(num_steps, s=0.008):
+    return schedules.cosine_schedule(num_steps).alpha_bar
+
+
+def cosine_wrong_shape(num_steps, s=0.008):
+    return schedules.cosine_schedule(num_steps, s).alpha_bar[:, None]
+
+
+def embedding_swapped(t, dim):
+    sin_cos = unet.timestep_embedding(t, dim)
+    return torch.cat([sin_cos[:, dim // 2:], sin_cos[:, :dim // 2]], dim=1)
+
+
+def embedding_base_1000(t, dim):
+    return unet.timestep_embedding(t, dim, max_period=1000.0)
+
+
+def embedding_half(t, dim):
+    return unet.timestep_embedding(t, dim)[:, :dim // 2]
+
+
+def _modulated(block, h, emb):
+    scale, shift = block.emb_proj(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
+    return block.norm2(h) * (1 + scale) + shift
+
+
+def res_block_no_skip(block, x, emb):
+    h = block.conv1(F.silu(block.norm1(x)))
+    return block.conv2(block.dropout(F.silu(_modulated(block, h, emb))))
+
+
+def res_block_no_emb(block, x, emb):
+    h = block.conv1(F.silu(block.norm1(x)))
+    return block.skip(x) + block.conv2(block.dropout(F.silu(block.norm2(h))))
+
+
+def res_block_raw_skip(block, x, emb):
+    h = block.conv1(F.silu(block.norm1(x)))
+    return x + block.conv2(block.dropout(F.silu(_modulated(block, h, emb))))
+
+
+def res_block_no_one_plus(block, x, emb):
+    h = block.conv1(F.silu(block.norm1(x)))
+    scale, shift = block.emb_proj(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
+    return block.skip(x) + block.conv2(block.dropout(F.silu(block.norm2(h) * scale + shift)))
+
+
+def res_block_act_before_norm(block, x, emb):
+    h = block.conv1(block.norm1(F.silu(x)))
+    scale, shift = block.emb_proj(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
+    return block.skip(x) + block.conv2(block.dropout(block.norm2(F.silu(h)) * (1 + scale) + shift))
+
+
+def loss_against_x0(model, x0, schedule, cond=None, t=None, noise=None):
+    t = torch.randint(0, schedule.num_steps, (x0.shape[0],)) if t is None else t
+    noise = torch.randn_like(x0) if noise is None else noise
+    return F.mse_loss(model(schedules.q_sample(x0, t, schedule, noise), t, cond), x0)
+
+
+def loss_sum(model, x0, schedule, cond=None, t=None, noise=None):
+    t = torch.randint(0, schedule.num_steps, (x0.shape[0],)) if t is None else t
+    noise = torch.randn_like(x0) if noise is None else noise
+    return ((model(schedules.q_sample(x0, t, schedule, noise), t, cond) - noise) ** 2).sum()
+
+
+def loss_no_mean(model, x0, schedule, cond=None, t=None, noise=None):
+    t = torch.randint(0, schedule.num_steps, (x0.shape[0],)) if t is None else t
+    noise = torch.randn_like(x0) if noise is None else noise
+    return (model(schedules.q_sample(x0, t, schedule, noise), t, cond) - noise) ** 2
+
+
+def loss_alpha(model, x0, schedule, cond=None, t=None, noise=None):
+    t = torch.randint(0, schedule.num_steps, (x0.shape[0],)) if t is None else t
+    noise = torch.randn_like(x0) if noise is None else noise
+    alpha_t = gather(schedule.alpha, t, x0)
+    x_t = alpha_t.sqrt() * x0 + (1 - alpha_t).sqrt() * noise
+    return F.mse_loss(model(x_t, t, cond), noise)
+
+
+def loss_rand(model, x0, schedule, cond=None, t=None, noise=None):
+    noise = torch.rand_like(x0) if noise is None else noise
+    return training.diffusion_loss(model, x0, schedule, cond, t, noise)
+
+
+def loss_item(model, x0, schedule, cond=None, t=None, noise=None):
+    return training.diffusion_loss(model, x0, schedule, cond, t, noise).item()
+
+
+def loss_forgets_cond(model, x0, schedule, cond=None, t=None, noise=None):
+    return training.diffusion_loss(model, x0, schedule, None, t, noise)
+
+
+def train_step_solution(model, optimizer, x0, schedule, cond=None):
+    loss = training.diffusion_loss(model, x0, schedule, cond)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def train_step_no_zero_grad(model, optimizer, x0, schedule, cond=None):
+    loss = training.diffusion_loss(model, x0, schedule, cond)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def train_step_no_step(model, optimizer, x0, schedule, cond=None):
+    loss = training.diffusion_loss(model, x0, schedule, cond)
+    optimizer.zero_grad()
+    loss.backward()
+    return loss.item()
+
+
+def train_step_tensor(model, optimizer, x0, schedule, cond=None):
+    loss = training.diffusion_loss(model, x0, schedule, cond)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
+def train_step_noise_first(model, optimizer, x0, schedule, cond=None):
+    """Correct, but draws the noise before t (unlike training.train_step)."""
+    noise = torch.randn_like(x0)
+    t = torch.randint(0, schedule.num_steps, (x0.shape[0],))
+    loss = training.diffusion_loss(model, x0, schedule, cond, t, noise)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def ddpm_noise_at_zero(x_t, t, eps_pred, schedule, noise=None):
+    mean = sampling.ddpm_step(x_t, t, eps_pred, schedule, torch.zeros_like(x_t))
+    return mean + gather(schedule.beta, t, x_t).sqrt() * noise
+
+
+def ddpm_alpha_bar_for_alpha(x_t, t, eps_pred, schedule, noise=None):
+    beta_t, alpha_bar_t = gather(schedule.beta, t, x_t), gather(schedule.alpha_bar, t, x_t)
+    mean = (x_t - beta_t / (1 - alpha_bar_t).sqrt() * eps_pred) / alpha_bar_t.sqrt()
+    return mean + (t > 0).view(-1, 1, 1, 1) * beta_t.sqrt() * noise
+
+
+def ddpm_alpha_for_alpha_bar(x_t, t, eps_pred, schedule, noise=None):
+    beta_t, alpha_t = gather(schedule.beta, t, x_t), gather(schedule.alpha, t, x_t)
+    mean = (x_t - beta_t / (1 - alpha_t).sqrt() * eps_pred) / alpha_t.sqrt()
+    return mean + (t > 0).view(-1, 1, 1, 1) * beta_t.sqrt() * noise
+
+
+def ddpm_no_sqrt(x_t, t, eps_pred, schedule, noise=None):
+    beta_t, alpha_t = gather(schedule.beta, t, x_t), gather(schedule.alpha, t, x_t)
+    alpha_bar_t = gather(schedule.alpha_bar, t, x_t)
+    mean = (x_t - beta_t / (1 - alpha_bar_t).sqrt() * eps_pred) / alpha_t
+    return mean + (t > 0).view(-1, 1, 1, 1) * beta_t.sqrt() * noise
+
+
+def ddpm_sigma_beta(x_t, t, eps_pred, schedule, noise=None):
+    mean = sampling.ddpm_step(x_t, t, eps_pred, schedule, torch.zeros_like(x_t))
+    return mean + (t > 0).view(-1, 1, 1, 1) * gather(schedule.beta, t, x_t) * noise
+
+
+def ddim_ignores_minus_one(x_t, t, t_prev, eps_pred, schedule, eta=0.0, noise=None):
+    alpha_bar_t, alpha_bar_prev = gather(schedule.alpha_bar, t, x_t), gather(schedule.alpha_bar, t_prev, x_t)
+    x0_pred = (x_t - (1 - alpha_bar_t).sqrt() * eps_pred) / alpha_bar_t.sqrt()
+    return alpha_bar_prev.sqrt() * x0_pred + (1 - alpha_bar_prev).sqrt() * eps_pred
+
+
+def ddim_alpha(x_t, t, t_prev, eps_pred, schedule, eta=0.0, noise=None):
+    padded = torch.cat([torch.ones(1), schedule.alpha])
+    alpha_t, alpha_prev = gather(schedule.alpha, t, x_t), gather(padded, t_prev + 1, x_t)
+    x0_pred = (x_t - (1 - alpha_t).sqrt() * eps_pred) / alpha_t.sqrt()
+    return alpha_prev.sqrt() * x0_pred + (1 - alpha_prev).sqrt() * eps_pred
+
+
+def ddim_no_sqrt(x_t, t, t_prev, eps_pred, schedule, eta=0.0, noise=None):
+    padded = torch.cat([torch.ones(1), schedule.alpha_bar])
+    alpha_bar_t, alpha_bar_prev = gather(schedule.alpha_bar, t, x_t), gather(padded, t_prev + 1, x_t)
+    x0_pred = (x_t - (1 - alpha_bar_t) * eps_pred) / alpha_bar_t
+    return alpha_bar_prev * x0_pred + (1 - alpha_bar_prev) * eps_pred
+
+
+def ddim_ignores_eta(x_t, t, t_prev, eps_pred, schedule, eta=0.0, noise=None):
+    return sampling.ddim_step(x_t, t, t_prev, eps_pred, schedule)
+
+
+def guided_ho_salimans(eps_cond, eps_uncond, guidance_scale):
+    return (1 + guidance_scale) * eps_cond - guidance_scale * eps_uncond
+
+
+def guided_swapped(eps_cond, eps_uncond, guidance_scale):
+    return eps_cond + guidance_scale * (eps_uncond - eps_cond)
+
+
+def drop_inverted(cond, null_class, p, generator=None):
+    keep = torch.rand(cond.shape, generator=generator) < p
+    return torch.where(keep, cond, torch.full_like(cond, null_class))
+
+
+def drop_to_zero(cond, null_class, p, generator=None):
+    drop = torch.rand(cond.shape, generator=generator) < p
+    return torch.where(drop, torch.zeros_like(cond), cond)
+
+
+def drop_in_place(cond, null_class, p, generator=None):
+    cond[torch.rand(cond.shape, generator=generator) < p] = null_class
+    return cond
+
+
+def drop_ignores_generator(cond, null_class, p, generator=None):
+    return training.drop_labels(cond, null_class, p)
+
+
+# ----------------------------------------------------------------------------------------------
+
+REFERENCES = {
+    "check_q_sample": schedules.q_sample,
+    "check_cosine_alpha_bar": lambda num_steps, s=0.008: schedules.cosine_schedule(num_steps, s).alpha_bar,
+    "check_timestep_embedding": unet.timestep_embedding,
+    "check_res_block_forward": lambda block, x, emb: block(x, emb),
+    "check_diffusion_loss": training.diffusion_loss,
+    "check_train_step": training.train_step,
+    "check_ddpm_step": sampling.ddpm_step,
+    "check_ddim_step": sampling.ddim_step,
+    "check_guided_eps": guidance.guided_eps,
+    "check_drop_labels": training.drop_labels,
+}
+
+MISTAKES = [   # (checker, wrong function, a word the diagnosis must contain)
+    ("check_q_sample", q_sample_rand, "torch.rand"),
+    ("check_q_sample", q_sample_alpha, "alpha_bar"),
+    ("check_q_sample", q_sample_no_sqrt, "square root"),
+    ("check_q_sample", q_sample_t_plus_one, "off by one"),
+    ("check_q_sample", q_sample_t_minus_one, "off by one"),
+    ("check_q_sample", q_sample_swapped, "swapped"),
+    ("check_q_sample", q_sample_no_reshape, "broadcasting"),
+    ("check_q_sample", q_sample_bad_reshape, "shape"),
+    ("check_q_sample", q_sample_ignores_noise, "same noise"),
+    ("check_cosine_alpha_bar", cosine_unnormalised, "f(0)"),
+    ("check_cosine_alpha_bar", cosine_too_long, "off-by-one"),
+    ("check_cosine_alpha_bar", cosine_from_zero, "off by one"),
+    ("check_cosine_alpha_bar", cosine_not_squared, "square"),
+    ("check_cosine_alpha_bar", cosine_fixed_s, "s argument"),
+    ("check_cosine_alpha_bar", cosine_wrong_shape, "shape"),
+    ("check_timestep_embedding", embedding_swapped, "swapped"),
+    ("check_timestep_embedding", embedding_base_1000, "frequenc"),
+    ("check_timestep_embedding", embedding_half, "shape"),
+    ("check_res_block_forward", res_block_no_skip, "skip connection is missing"),
+    ("check_res_block_forward", res_block_no_emb, "does not reach the features"),
+    ("check_res_block_forward", res_block_no_one_plus, "(1 + scale)"),
+    ("check_res_block_forward", res_block_raw_skip, "block.skip"),
+    ("check_res_block_forward", res_block_act_before_norm, "activation order"),
+    ("check_diffusion_loss", loss_against_x0, "x0"),
+    ("check_diffusion_loss", loss_sum, "sum instead of a mean"),
+    ("check_diffusion_loss", loss_no_mean, "missing mean"),
+    ("check_diffusion_loss", loss_alpha, "alpha_bar"),
+    ("check_diffusion_loss", loss_rand, "torch.rand"),
+    ("check_diffusion_loss", loss_item, "Python number"),
+    ("check_diffusion_loss", loss_forgets_cond, "cond"),
+    ("check_train_step", train_step_no_zero_grad, "zero_grad"),
+    ("check_train_step", train_step_no_step, "optimizer.step"),
+    ("check_train_step", train_step_tensor, "float"),
+    ("check_ddpm_step", ddpm_noise_at_zero, "t == 0"),
+    ("check_ddpm_step", ddpm_alpha_bar_for_alpha, "alpha_t belongs"),
+    ("check_ddpm_step", ddpm_alpha_for_alpha_bar, "alpha_bar_t (the cumulative product) belongs"),
+    ("check_ddpm_step", ddpm_no_sqrt, "square root"),
+    ("check_ddpm_step", ddpm_sigma_beta, "sigma = beta"),
+    ("check_ddim_step", ddim_ignores_minus_one, "t_prev = -1"),
+    ("check_ddim_step", ddim_alpha, "alpha_bar"),
+    ("check_ddim_step", ddim_no_sqrt, "square root"),
+    ("check_ddim_step", ddim_ignores_eta, "eta"),
+    ("check_guided_eps", guided_ho_salimans, "Ho & Salimans"),
+    ("check_guided_eps", guided_swapped, "swapped"),
+    ("check_drop_labels", drop_inverted, "inverted"),
+    ("check_drop_labels", drop_to_zero, "instead of null_class"),
+    ("check_drop_labels", drop_in_place, "in place"),
+    ("check_drop_labels", drop_ignores_generator, "generator"),
+]
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCES))
+def test_reference_passes(name, capsys, monkeypatch):
+    monkeypatch.setenv(checks.STRICT_ENV, "1")
+    assert getattr(checks, name)(REFERENCES[name]) is True
+    out = capsys.readouterr().out
+    assert out.startswith("✅ Passed:") and out.count("\n") == 1
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCES))
+def test_stub_is_not_done_even_in_strict_mode(name, capsys, monkeypatch):
+    monkeypatch.setenv(checks.STRICT_ENV, "1")
+    assert getattr(checks, name)(not_done) is False
+    assert capsys.readouterr().out.strip() == checks.NOT_DONE
+
+
+@pytest.mark.parametrize("name, wrong, word", MISTAKES,
+                         ids=[f"{name[6:]}-{wrong.__name__}" for name, wrong, _ in MISTAKES])
+def test_mistake_is_diagnosed(name, wrong, word, capsys):
+    assert getattr(checks, name)(wrong) is False
+    out = capsys.readouterr().out
+    assert out.startswith("❌") and word in out, out
+
+
+@pytest.mark.parametrize("fn", [
+    lambda model, optimizer, x0, schedule, cond=None: training.train_step(model, optimizer, x0, schedule, cond, grad_clip=0),
+    train_step_solution, train_step_noise_first,
+], ids=["no-clip", "solution", "noise-first"])
+def test_train_step_accepts_other_correct_solutions(fn, capsys):
+    assert checks.check_train_step(fn) is True, capsys.readouterr().out
+
+
+def test_strict_mode_raises_for_a_wrong_answer(capsys, monkeypatch):
+    monkeypatch.setenv(checks.STRICT_ENV, "1")
+    with pytest.raises(AssertionError, match="alpha_bar"):
+        checks.check_q_sample(q_sample_alpha)
+    assert capsys.readouterr().out.startswith("❌")
+
+
+def test_errors_are_reported_and_raise_only_in_strict_mode(capsys, monkeypatch):
+    def broken(eps_cond, eps_uncond, guidance_scale):
+        raise KeyError("oops")
+    assert checks.check_guided_eps(broken) is False
+    assert "KeyError" in capsys.readouterr().out
+    monkeypatch.setenv(checks.STRICT_ENV, "1")
+    with pytest.raises(AssertionError, match="KeyError"):
+        checks.check_guided_eps(broken)
+
+
+def test_returning_none_is_a_wrong_answer(capsys):
+    assert checks.check_guided_eps(lambda eps_cond, eps_uncond, guidance_scale: None) is False
+    assert "return statement" in capsys.readouterr().out
+
+
+def test_checkers_leave_the_global_random_state_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    checks.check_q_sample(schedules.q_sample)
+    checks.check_drop_labels(training.drop_labels)
+    assert torch.equal(torch.rand(3), expected)
