@@ -10,6 +10,12 @@ that step (the widgets use it to show the reverse process). If it returns a tens
 tensor replaces x_t: this is how inpainting keeps the known pixels (see editing.py).
 
 `t_start` (default T - 1) is the timestep x_T is at; img2img starts part of the way down.
+
+`clip_x0` (default True) clamps the model's guess of x_0 to the data range [-1, 1] before each
+update, as DDPM's and improved DDPM's samplers do. It matters most at the first, noisiest steps:
+there sqrt(alpha_bar_t) is tiny (about 5e-5 at t = T - 1 for the cosine schedule), so dividing
+by it turns a small error in eps into a huge one in x_0. Without clipping, models trained here
+drew noise instead of digits.
 """
 
 from __future__ import annotations
@@ -28,6 +34,24 @@ def predict_x0(x_t: Tensor, t: Tensor, eps_pred: Tensor, schedule: NoiseSchedule
     """Invert the closed form of q_sample: x0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)."""
     alpha_bar_t = gather(schedule.alpha_bar, t, x_t)
     return (x_t - (1 - alpha_bar_t).sqrt() * eps_pred) / alpha_bar_t.sqrt()
+
+
+def predict_eps(x_t: Tensor, t: Tensor, x0_pred: Tensor, schedule: NoiseSchedule) -> Tensor:
+    """The noise that takes x0_pred to x_t: eps = (x_t - sqrt(alpha_bar_t) x0) / sqrt(1 - alpha_bar_t)."""
+    alpha_bar_t = gather(schedule.alpha_bar, t, x_t)
+    return (x_t - alpha_bar_t.sqrt() * x0_pred) / (1 - alpha_bar_t).sqrt()
+
+
+def denoise(model, x_t: Tensor, t: Tensor, schedule: NoiseSchedule, cond: Tensor | None = None,
+            clip_x0: bool = True) -> tuple[Tensor, Tensor]:
+    """Call the model and return (eps_pred, x0_pred); with clip_x0, x0_pred is clamped to [-1, 1]
+    and eps_pred recomputed to match it."""
+    eps_pred = model(x_t, t, cond)
+    x0_pred = predict_x0(x_t, t, eps_pred, schedule)
+    if clip_x0:
+        x0_pred = x0_pred.clamp(-1, 1)
+        eps_pred = predict_eps(x_t, t, x0_pred, schedule)
+    return eps_pred, x0_pred
 
 
 def ddpm_step(x_t: Tensor, t: Tensor, eps_pred: Tensor, schedule: NoiseSchedule,
@@ -85,7 +109,7 @@ def ddim_step(x_t: Tensor, t: Tensor, t_prev: Tensor, eps_pred: Tensor, schedule
 @torch.no_grad()
 def ddpm_sample(model, x_T: Tensor, schedule: NoiseSchedule, cond: Tensor | None = None,
                 generator: torch.Generator | None = None, t_start: int | None = None,
-                callback: Callback | None = None) -> Tensor:
+                callback: Callback | None = None, clip_x0: bool = True) -> Tensor:
     """DDPM ancestral sampling: every step from t_start (default T - 1) down to 0 (Algorithm 2).
 
     Args:
@@ -97,8 +121,7 @@ def ddpm_sample(model, x_T: Tensor, schedule: NoiseSchedule, cond: Tensor | None
     x = x_T
     for i, step in enumerate(range(t_start, -1, -1)):
         t = _full(x, step)
-        eps_pred = model(x, t, cond)
-        x0_pred = predict_x0(x, t, eps_pred, schedule)
+        eps_pred, x0_pred = denoise(model, x, t, schedule, cond, clip_x0)
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         x = ddpm_step(x, t, eps_pred, schedule, noise)
         x = _run_callback(callback, i, step - 1, x, x0_pred)
@@ -109,7 +132,7 @@ def ddpm_sample(model, x_T: Tensor, schedule: NoiseSchedule, cond: Tensor | None
 def ddim_sample(model, x_T: Tensor, schedule: NoiseSchedule, num_steps: int = 50,
                 eta: float = 0.0, cond: Tensor | None = None,
                 generator: torch.Generator | None = None, t_start: int | None = None,
-                callback: Callback | None = None) -> Tensor:
+                callback: Callback | None = None, clip_x0: bool = True) -> Tensor:
     """DDIM sampling with num_steps model calls, evenly spaced from t_start down to 0."""
     t_start = _check_start(x_T, schedule, t_start)
     steps = timestep_sequence(num_steps, t_start)
@@ -117,8 +140,7 @@ def ddim_sample(model, x_T: Tensor, schedule: NoiseSchedule, num_steps: int = 50
     for i, step in enumerate(steps):
         t = _full(x, step)
         t_prev = _full(x, steps[i + 1] if i + 1 < len(steps) else -1)
-        eps_pred = model(x, t, cond)
-        x0_pred = predict_x0(x, t, eps_pred, schedule)
+        eps_pred, x0_pred = denoise(model, x, t, schedule, cond, clip_x0)
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if eta > 0 else None
         x = ddim_step(x, t, t_prev, eps_pred, schedule, eta, noise)
         x = _run_callback(callback, i, int(t_prev[0]), x, x0_pred)
@@ -158,7 +180,8 @@ def dpm_solver_step(x_t: Tensor, t: Tensor, t_prev: Tensor, x0_pred: Tensor, sch
 @torch.no_grad()
 def dpm_solver_sample(model, x_T: Tensor, schedule: NoiseSchedule, num_steps: int = 20,
                       cond: Tensor | None = None, generator: torch.Generator | None = None,
-                      t_start: int | None = None, callback: Callback | None = None) -> Tensor:
+                      t_start: int | None = None, callback: Callback | None = None,
+                      clip_x0: bool = True) -> Tensor:
     """DPM-Solver++(2M) with num_steps model calls: good digits in 10-20 steps. Deterministic,
     so `generator` is accepted only for a uniform signature with the other samplers."""
     t_start = _check_start(x_T, schedule, t_start)
@@ -167,7 +190,7 @@ def dpm_solver_sample(model, x_T: Tensor, schedule: NoiseSchedule, num_steps: in
     for i, step in enumerate(steps):
         t = _full(x, step)
         t_prev = _full(x, steps[i + 1] if i + 1 < len(steps) else -1)
-        x0_pred = predict_x0(x, t, model(x, t, cond), schedule)
+        _, x0_pred = denoise(model, x, t, schedule, cond, clip_x0)
         x = dpm_solver_step(x, t, t_prev, x0_pred, schedule, previous)
         previous = (x0_pred, t)
         x = _run_callback(callback, i, int(t_prev[0]), x, x0_pred)
