@@ -57,17 +57,21 @@ def save_checkpoint(path: str | Path, model: UNet, schedule: NoiseSchedule, step
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    files = {"model.safetensors": _state_on_cpu(model.state_dict())}
-    if training_state is not None:
-        files["training_state.safetensors"] = _state_on_cpu(training_state)
-    hashes = {}
-    for name, tensors in files.items():
-        save_file(tensors, str(tmp / name))
-        hashes[name] = _sha256(tmp / name)
-    info = {"format": FORMAT, "version": VERSION, "model": model.config.to_dict(),
-            "schedule": schedule.to_config(), "step": int(step), "dataset": dataset,
-            "sha256": hashes, **(extra or {})}
-    _write_synced(tmp / "config.json", json.dumps(info, indent=2).encode())
+    try:
+        files = {"model.safetensors": _state_on_cpu(model.state_dict())}
+        if training_state is not None:
+            files["training_state.safetensors"] = _state_on_cpu(training_state)
+        hashes = {}
+        for name, tensors in files.items():
+            save_file(tensors, str(tmp / name))
+            hashes[name] = _sha256(tmp / name)
+        info = {"format": FORMAT, "version": VERSION, "model": model.config.to_dict(),
+                "schedule": schedule.to_config(), "step": int(step), "dataset": dataset,
+                "sha256": hashes, **(extra or {})}
+        _write_synced(tmp / "config.json", json.dumps(info, indent=2).encode())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)   # the previous checkpoint, if any, is untouched
+        raise
     _replace_dir(tmp, path)
     return path
 

@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
 def run_train(args) -> int:
     if args.minutes is None and args.steps is None:
         raise ValueError("Give a budget: --minutes M, --steps N, or both.")
+    if not args.resume and checkpoints.latest_checkpoint(args.out) is not None:
+        raise FileExistsError(f"{args.out} already holds checkpoints of a training run. Add --resume to "
+                              "continue it, or choose another --out folder.")
     dataset = data.load_dataset(args.dataset)
     num_classes = None if args.unconditional else len(data.CLASS_NAMES[args.dataset])
     config = UNetConfig(in_channels=dataset.images.shape[1], image_size=dataset.images.shape[2],
@@ -134,8 +137,9 @@ def parse_labels(text: str, num: int, num_classes: int | None) -> torch.Tensor |
 def generate(model, schedule, num: int, labels: torch.Tensor | None, guidance: float = 3.0,
              sampler: str = "dpm", steps: int | None = 20, seed: int = 0, batch_size: int = 250,
              negative: int | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
-    """Sample `num` images in batches; returns (num, C, H, W) floats in [-1, 1]. The same seed
-    gives the same images whatever the batch size."""
+    """Sample `num` images in batches; returns (num, C, H, W) floats in [-1, 1]. The starting
+    noise comes from `seed`, so DDIM and DPM-Solver (deterministic from there) give the same
+    images whatever the batch size; DDPM's per-step noise depends on the batching."""
     config = model.config
     if model.null_class is not None and (guidance != 1.0 or negative is not None):
         model = ClassifierFreeGuidance(model, guidance, negative)
@@ -153,6 +157,8 @@ def generate(model, schedule, num: int, labels: torch.Tensor | None, guidance: f
 
 
 def run_sample(args) -> int:
+    if Path(args.out).suffix != ".npz":
+        raise ValueError(f"--out must end in .npz, got {args.out}.")
     checkpoint = checkpoints.load_checkpoint(args.checkpoint, args.device)
     if args.num < 1:
         raise ValueError(f"--num must be at least 1, got {args.num}.")

@@ -70,5 +70,8 @@ class ClassifierFreeGuidance(nn.Module):
             if self.negative.shape != t.shape:
                 raise ValueError(f"negative labels must have shape {tuple(t.shape)}, "
                                  f"got {tuple(self.negative.shape)}.")
-            return self.negative.to(t.device, torch.long)
+            negative = self.negative.to(t.device, torch.long)
+            if negative.numel() and (int(negative.min()) < 0 or int(negative.max()) >= self.null_class):
+                raise ValueError(f"negative labels must lie in [0, {self.null_class}).")
+            return negative
         return torch.full_like(t, int(self.negative))

@@ -200,10 +200,11 @@ def dpm_solver_sample(model, x_T: Tensor, schedule: NoiseSchedule, num_steps: in
 SAMPLERS = {"ddpm": ddpm_sample, "ddim": ddim_sample, "dpm": dpm_solver_sample}
 
 
-def sample(model, x_T: Tensor, schedule: NoiseSchedule, sampler: str = "dpm", num_steps: int = 20,
+def sample(model, x_T: Tensor, schedule: NoiseSchedule, sampler: str = "dpm", num_steps: int | None = None,
            **kwargs) -> Tensor:
-    """Run the sampler named `sampler` ("ddpm", "ddim" or "dpm"). DDPM always takes every step
-    from t_start down, so num_steps must be None or equal to that count for it."""
+    """Run the sampler named `sampler` ("ddpm", "ddim" or "dpm"). num_steps=None takes the
+    sampler's default (DDIM 50, DPM-Solver++ 20). DDPM always takes every step from t_start
+    down, so num_steps must be None or equal to that count for it."""
     if sampler not in SAMPLERS:
         raise ValueError(f"Unknown sampler {sampler!r}; expected one of {sorted(SAMPLERS)}.")
     if sampler == "ddpm":
@@ -213,6 +214,8 @@ def sample(model, x_T: Tensor, schedule: NoiseSchedule, sampler: str = "dpm", nu
             raise ValueError(f"DDPM takes every step ({all_steps} here); use sampler='ddim' or 'dpm' "
                              f"for {num_steps} steps.")
         return ddpm_sample(model, x_T, schedule, **kwargs)
+    if num_steps is None:
+        return SAMPLERS[sampler](model, x_T, schedule, **kwargs)
     return SAMPLERS[sampler](model, x_T, schedule, num_steps, **kwargs)
 
 

@@ -30,6 +30,7 @@ class NoiseSchedule:
     alpha: Tensor      # 1 - beta: the fraction of the signal's variance kept by each step
     alpha_bar: Tensor  # cumulative product of alpha: the signal's variance left after step t
     name: str = "custom"  # "linear" or "cosine"; recorded in checkpoints
+    options: tuple = ()   # the named schedule's other arguments, as (key, value) pairs
 
     @property
     def num_steps(self) -> int:
@@ -40,17 +41,17 @@ class NoiseSchedule:
         """A small dict that `schedule_from_config` turns back into this schedule."""
         if self.name not in SCHEDULES:
             raise ValueError(f"Only named schedules can be saved, got name={self.name!r}.")
-        return {"name": self.name, "num_steps": self.num_steps}
+        return {"name": self.name, "num_steps": self.num_steps, **dict(self.options)}
 
 
-def schedule_from_beta(beta: Tensor, name: str = "custom") -> NoiseSchedule:
+def schedule_from_beta(beta: Tensor, name: str = "custom", options: tuple = ()) -> NoiseSchedule:
     """Build a NoiseSchedule from its betas (Ho et al. 2020, Sec. 2)."""
     beta = beta.to(torch.float64)
     if beta.ndim != 1 or not bool(((beta > 0) & (beta < 1)).all()):
         raise ValueError("beta must be a 1-D tensor with every value strictly between 0 and 1.")
     alpha = 1.0 - beta
     alpha_bar = torch.cumprod(alpha, dim=0)
-    return NoiseSchedule(beta.float(), alpha.float(), alpha_bar.float(), name)
+    return NoiseSchedule(beta.float(), alpha.float(), alpha_bar.float(), name, options)
 
 
 def linear_schedule(num_steps: int = 1000, beta_start: float = 1e-4,
@@ -59,8 +60,11 @@ def linear_schedule(num_steps: int = 1000, beta_start: float = 1e-4,
     _check_num_steps(num_steps)
     # Scaled so that the total amount of noise matches DDPM's 1000-step schedule.
     scale = 1000 / num_steps
+    if beta_end * scale >= 1:
+        raise ValueError(f"With num_steps={num_steps}, beta_end={beta_end} scales to {beta_end * scale:.3g} "
+                         "(>= 1): use more steps or a smaller beta_end.")
     beta = torch.linspace(beta_start * scale, beta_end * scale, num_steps, dtype=torch.float64)
-    return schedule_from_beta(beta, "linear")
+    return schedule_from_beta(beta, "linear", (("beta_start", beta_start), ("beta_end", beta_end)))
 
 
 def cosine_schedule(num_steps: int = 1000, s: float = 0.008) -> NoiseSchedule:
@@ -73,7 +77,7 @@ def cosine_schedule(num_steps: int = 1000, s: float = 0.008) -> NoiseSchedule:
     f = torch.cos((steps / num_steps + s) / (1 + s) * math.pi / 2) ** 2
     alpha_bar = f / f[0]
     beta = (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
-    return schedule_from_beta(beta, "cosine")
+    return schedule_from_beta(beta, "cosine", (("s", s),))
 
 
 SCHEDULES = {"linear": linear_schedule, "cosine": cosine_schedule}
@@ -84,7 +88,11 @@ def schedule_from_config(config: dict) -> NoiseSchedule:
     name = config.get("name")
     if name not in SCHEDULES:
         raise ValueError(f"Unknown schedule {name!r}; expected one of {sorted(SCHEDULES)}.")
-    return SCHEDULES[name](int(config["num_steps"]))
+    options = {key: value for key, value in config.items() if key != "name"}
+    try:
+        return SCHEDULES[name](**options)
+    except TypeError:
+        raise ValueError(f"Unknown options for the {name} schedule: {sorted(options)}.") from None
 
 
 def check_timesteps(t: Tensor, schedule: NoiseSchedule, batch_size: int | None = None) -> None:

@@ -45,6 +45,8 @@ class TrainConfig:
             raise ValueError("Give a budget: steps=..., minutes=..., or both.")
         if self.precision not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"precision must be 'auto', 'float32' or 'bfloat16', got {self.precision!r}.")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints must be at least 1, got {self.keep_checkpoints}.")
         if not 0.0 <= self.label_dropout <= 1.0:
             raise ValueError(f"label_dropout must be a probability in [0, 1], got {self.label_dropout}.")
 
@@ -172,11 +174,12 @@ def train(model: nn.Module, images: Tensor, schedule: NoiseSchedule, config: Tra
     if out_dir is not None and not resume and checkpoints.latest_checkpoint(out_dir) is not None:
         raise FileExistsError(f"{out_dir} already holds checkpoints of a training run. Pass resume=True "
                               "(--resume) to continue it, or choose another folder.")
+    order = torch.empty(0, dtype=torch.long, device=device)   # the rest of the current pass over the data
     if resume and out_dir is not None and checkpoints.latest_checkpoint(out_dir) is not None:
-        step, seconds = _restore(checkpoints.latest_checkpoint(out_dir), model, optimizer, ema, generator)
+        step, seconds, order = _restore(checkpoints.latest_checkpoint(out_dir), model, optimizer, ema, generator)
+        order = order.to(device)
     saved_step = step
     losses: list[float] = []
-    order = torch.empty(0, dtype=torch.long, device=device)
     model.train()
     bar = tqdm(total=config.steps, initial=step, disable=not config.progress, desc="training", unit="step")
     start = time.perf_counter() - seconds
@@ -200,12 +203,12 @@ def train(model: nn.Module, images: Tensor, schedule: NoiseSchedule, config: Tra
             callback(step, loss)
         if out_dir is not None and config.checkpoint_every and step % config.checkpoint_every == 0:
             saved_step = step
-            _save(out_dir, step, time.perf_counter() - start, model, optimizer, ema, generator, schedule,
-                  config, dataset)
+            _save(out_dir, step, time.perf_counter() - start, model, optimizer, ema, generator, order,
+                  schedule, config, dataset)
     bar.close()
     seconds = time.perf_counter() - start
     if out_dir is not None and saved_step != step:
-        _save(out_dir, step, seconds, model, optimizer, ema, generator, schedule, config, dataset)
+        _save(out_dir, step, seconds, model, optimizer, ema, generator, order, schedule, config, dataset)
     model.eval()
     return TrainResult(model, ema.model, losses, step, seconds)
 
@@ -230,12 +233,13 @@ def _check_training_data(model: nn.Module, images: Tensor, labels: Tensor | None
         raise ValueError(f"labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}.")
 
 
-def _save(out_dir, step, seconds, model, optimizer, ema, generator, schedule, config, dataset) -> None:
+def _save(out_dir, step, seconds, model, optimizer, ema, generator, order, schedule, config, dataset) -> None:
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
     for index, param_state in optimizer.state_dict()["state"].items():
         for key, value in param_state.items():
             state[f"optimizer.{index}.{key}"] = torch.as_tensor(value)
     state["rng"] = generator.get_state()
+    state["order"] = order.cpu()
     extra = {"train_config": asdict(config), "seconds": seconds, "ema_updates": ema.num_updates}
     checkpoints.save_checkpoint(Path(out_dir) / f"step_{step:08d}", ema.model, schedule, step, dataset,
                                 extra, state)
@@ -243,7 +247,7 @@ def _save(out_dir, step, seconds, model, optimizer, ema, generator, schedule, co
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _restore(folder: Path, model, optimizer, ema, generator) -> tuple[int, float]:
+def _restore(folder: Path, model, optimizer, ema, generator) -> tuple[int, float, torch.Tensor]:
     info = checkpoints.read_info(folder)
     state = checkpoints.load_training_state(folder)
     model.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")})
@@ -256,4 +260,4 @@ def _restore(folder: Path, model, optimizer, ema, generator) -> tuple[int, float
             optimizer_state["state"].setdefault(int(index), {})[name] = value
     optimizer.load_state_dict(optimizer_state)
     generator.set_state(state["rng"])
-    return info["step"], info["seconds"]
+    return info["step"], info["seconds"], state["order"]

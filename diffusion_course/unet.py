@@ -55,6 +55,8 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
         (B, dim) float32: [sin(t * f_0), ..., sin(t * f_{dim/2-1}), cos(t * f_0), ...]
         with frequencies f_i = max_period ** (-i / (dim / 2)).
     """
+    if dim % 2:
+        raise ValueError(f"dim must be even (half sines, half cosines), got {dim}.")
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
     angles = t.float()[:, None] * freqs[None, :]
@@ -202,6 +204,10 @@ class UNet(nn.Module):
             # (it is fully convolutional): outpainting uses a larger canvas.
             raise ValueError(f"x_t must have shape (B, {c}, H, W) with H and W divisible by {factor} "
                              f"(trained on {size}x{size}), got {tuple(x_t.shape)}.")
+        weight_dtype = self.conv_in.weight.dtype
+        if x_t.dtype != weight_dtype:
+            raise ValueError(f"x_t must be {weight_dtype} like the model's weights, got {x_t.dtype}"
+                             + (" (scale pixels with data.to_model_range)." if not x_t.is_floating_point() else "."))
         if t.dtype != torch.int64 or t.shape != (x_t.shape[0],):
             raise ValueError(f"t must be an int64 tensor of shape ({x_t.shape[0]},), "
                              f"got {t.dtype} of shape {tuple(t.shape)}.")

@@ -1,0 +1,164 @@
+"""The `diffusion-course` command end to end on real MNIST, with tiny budgets."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from diffusion_course import checkpoints, cli, metrics
+from diffusion_course.schedules import cosine_schedule
+
+
+@pytest.fixture(scope="module")
+def run_dir(data_root, tmp_path_factory):
+    """A 3-step training run on real MNIST, made once through the CLI (in process)."""
+    out = tmp_path_factory.mktemp("cli") / "run"
+    code = cli.main(["train", "--dataset", "mnist", "--out", str(out), "--steps", "3", "--base-channels", "8",
+                     "--batch-size", "16"])
+    assert code == 0
+    return out
+
+
+def sample_args(run_dir, out, *extra):
+    return ["sample", "--checkpoint", str(run_dir), "--num", "6", "--sampler", "ddim", "--steps", "3",
+            "--out", str(out), *extra]
+
+
+def read_npz(path):
+    with np.load(path) as f:
+        return f["images"], f["labels"]
+
+
+def test_console_script_help():
+    script = Path(sys.executable).with_name("diffusion-course")
+    command = [str(script)] if script.exists() else [shutil.which("diffusion-course") or "diffusion-course"]
+    result = subprocess.run(command + ["--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    for word in ("train", "sample", "evaluate"):
+        assert word in result.stdout
+
+
+def test_train_writes_a_checkpoint(run_dir, capsys):
+    latest = checkpoints.latest_checkpoint(run_dir)
+    assert latest is not None and latest.name == "step_00000003"
+    loaded = checkpoints.load_checkpoint(run_dir)
+    assert loaded.info["step"] == 3 and loaded.info["dataset"] == "mnist"
+    config = loaded.model.config
+    assert (config.in_channels, config.image_size, config.base_channels, config.num_classes) == (1, 28, 8, 10)
+    assert loaded.schedule.name == "cosine" and loaded.schedule.num_steps == 1000
+
+
+def test_train_into_an_existing_run_without_resume_fails(run_dir, capsys):
+    code = cli.main(["train", "--dataset", "mnist", "--out", str(run_dir), "--steps", "4", "--base-channels", "8"])
+    assert code == 2
+    assert "already holds checkpoints" in capsys.readouterr().err
+    assert checkpoints.latest_checkpoint(run_dir).name == "step_00000003"
+
+
+def test_sample_all_labels(run_dir, tmp_path, capsys):
+    out = tmp_path / "X.npz"
+    assert cli.main(sample_args(run_dir, out, "--labels", "all")) == 0
+    assert "wrote 6 samples" in capsys.readouterr().out
+    images, labels = read_npz(out)
+    assert images.shape == (6, 28, 28) and images.dtype == np.uint8
+    assert labels.dtype == np.int64 and labels.tolist() == [0, 1, 2, 3, 4, 5]
+    png = out.with_suffix(".png")
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.glob("*.partial*"))
+
+
+def test_sample_without_labels(run_dir, tmp_path):
+    out = tmp_path / "none.npz"
+    assert cli.main(sample_args(run_dir, out, "--labels", "none")) == 0
+    images, labels = read_npz(out)
+    assert images.shape == (6, 28, 28)
+    assert labels.tolist() == [-1] * 6
+
+
+def test_sample_listed_labels_and_seed(run_dir, tmp_path):
+    first, second = tmp_path / "a.npz", tmp_path / "b.npz"
+    assert cli.main(sample_args(run_dir, first, "--labels", "3,7")) == 0
+    assert cli.main(sample_args(run_dir, second, "--labels", "3,7", "--batch-size", "4")) == 0
+    images, labels = read_npz(first)
+    assert labels.tolist() == [3, 7, 3, 7, 3, 7]
+    assert np.array_equal(images, read_npz(second)[0])      # same seed, other batch size: same images
+
+
+def test_sample_with_a_negative_label(run_dir, tmp_path):
+    steered = tmp_path / "steered.npz"
+    assert cli.main(sample_args(run_dir, steered, "--labels", "3", "--negative", "1")) == 0
+    assert read_npz(steered)[1].tolist() == [3] * 6
+
+
+def test_generate_uses_guidance_and_the_negative_label(tiny_cond_unet):
+    """(The 3-step CLI model barely depends on its label yet, so this is checked on a random tiny model.)"""
+    schedule = cosine_schedule(100)
+    labels = torch.tensor([3, 3])
+    run = lambda **kw: cli.generate(tiny_cond_unet, schedule, 2, labels, sampler="ddim", steps=4, **kw)
+    plain, guided, steered = run(guidance=1.0), run(guidance=3.0), run(guidance=3.0, negative=1)
+    assert plain.shape == (2, 1, 8, 8) and plain.min() >= -1 and plain.max() <= 1
+    assert (plain - guided).abs().max() > 1e-3
+    assert (guided - steered).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--checkpoint", "{tmp}/no_such_run"], "No checkpoint at"),
+    (["--labels", "3,10"], r"--labels must lie in [0, 10)"),
+    (["--labels", "three"], "comma-separated integers"),
+    (["--out", "{tmp}/samples.png"], "--out must end in .npz"),
+    (["--num", "0"], "--num must be at least 1"),
+    (["--negative", "10"], "negative must be a class label in [0, 10)"),
+])
+def test_sample_errors(run_dir, tmp_path, capsys, args, message):
+    argv = sample_args(run_dir, tmp_path / "x.npz") + [a.format(tmp=tmp_path) for a in args]
+    assert cli.main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: ")
+    assert message in captured.err
+    assert not (tmp_path / "x.npz").exists() and not (tmp_path / "samples.png").exists()
+
+
+def test_train_without_a_budget_fails(tmp_path, capsys):
+    assert cli.main(["train", "--dataset", "mnist", "--out", str(tmp_path / "run")]) == 2
+    assert "Give a budget" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_evaluate_prints_accuracy_and_frechet(run_dir, tmp_path, capsys):
+    if not (metrics.CLASSIFIER_PATH / "model.safetensors").is_file():
+        pytest.skip("the classifier diffusion_course/pretrained/mnist_classifier does not exist yet")
+    out = tmp_path / "e.npz"
+    assert cli.main(sample_args(run_dir, out, "--labels", "all")) == 0
+    capsys.readouterr()
+    assert cli.main(["evaluate", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "samples:                6" in printed
+    assert "class accuracy:" in printed
+    assert "Frechet distance:" in printed and "real-vs-real baseline:" in printed
+
+
+def test_evaluate_rejects_a_file_that_is_not_samples(tmp_path, capsys):
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, something=np.zeros(3))
+    assert cli.main(["evaluate", str(bad)]) == 2
+    assert "is not a samples file" in capsys.readouterr().err
+
+
+def test_parse_labels():
+    assert cli.parse_labels("all", 12, 10).tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+    assert cli.parse_labels("none", 4, 10) is None
+    assert cli.parse_labels("5", 3, 10).tolist() == [5, 5, 5]
+    with pytest.raises(ValueError, match="unconditional"):
+        cli.parse_labels("all", 4, None)
+
+
+def test_generate_ddim_does_not_depend_on_batch_size(tiny_cond_unet):
+    schedule = cosine_schedule(30)
+    labels = torch.arange(6)
+    whole = cli.generate(tiny_cond_unet, schedule, 6, labels, sampler="ddim", steps=5, batch_size=6)
+    parts = cli.generate(tiny_cond_unet, schedule, 6, labels, sampler="ddim", steps=5, batch_size=4)
+    torch.testing.assert_close(whole, parts)
