@@ -260,4 +260,4 @@ def _restore(folder: Path, model, optimizer, ema, generator) -> tuple[int, float
             optimizer_state["state"].setdefault(int(index), {})[name] = value
     optimizer.load_state_dict(optimizer_state)
     generator.set_state(state["rng"])
-    return info["step"], info["seconds"], state["order"]
+    return info["step"], info["seconds"], state.get("order", torch.empty(0, dtype=torch.long))

@@ -1,0 +1,197 @@
+"""End to end: what a learner sees when running the solution notebooks in JupyterLab.
+
+A throw-away JupyterLab server serves a temporary copy of solutions/ (quick mode); Debian's
+Chromium, driven by Playwright, opens a notebook, runs it with Run > Run All Cells, checks that
+no cell shows an error, then moves an explorer's slider with the keyboard and checks that the
+readout and the picture follow. Screenshots go to the folder $DIFFUSION_COURSE_ARTIFACTS (or a
+pytest temporary folder when it is not set); the path is printed.
+
+Needs /usr/bin/chromium (`.ci/install-browser`) and the Python package playwright (the "test"
+extra). Without them these tests FAIL; leave them out with `pytest -m "not browser"`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+import browser_helpers as bh
+
+pytestmark = pytest.mark.browser
+
+SOLUTIONS = Path(__file__).resolve().parents[1] / "solutions"
+LESSON_05 = "05_conditioning_and_guidance.ipynb"
+VIEWPORT = {"width": 1280, "height": 900}
+RUN_ALL_TIMEOUT = 900       # seconds; the notebooks run in quick mode (a minute or two each)
+
+
+@pytest.fixture(scope="module")
+def artifacts(request, tmp_path_factory) -> Path:
+    """The folder the screenshots go to (printed even when pytest captures output)."""
+    folder = os.environ.get("DIFFUSION_COURSE_ARTIFACTS")
+    path = Path(folder) if folder else tmp_path_factory.mktemp("browser-screenshots")
+    path.mkdir(parents=True, exist_ok=True)
+    message = f"browser test screenshots: {path}"
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is not None and capture is not None:
+        with capture.global_and_fixture_disabled():
+            reporter.write_line("\n" + message)
+    else:
+        print(message)
+    return path
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's Chromium, headless, through Playwright (its own browser download is not used)."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright = None
+    if sync_playwright is None:
+        pytest.fail(f"The browser tests need the Python package playwright, which is not installed. "
+                    f"{bh.INSTALL_HINT}", pytrace=False)
+    if not os.access(bh.CHROMIUM, os.X_OK):
+        pytest.fail(f"The browser tests need Debian's Chromium at {bh.CHROMIUM}, which is missing. "
+                    f"{bh.INSTALL_HINT}", pytrace=False)
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=bh.CHROMIUM, args=bh.CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory, artifacts):
+    """A JupyterLab server on 127.0.0.1 serving a temporary copy of solutions/ in quick mode."""
+    work = tmp_path_factory.mktemp("jupyterlab")
+    notebooks = bh.copy_notebooks(SOLUTIONS, work / "notebooks")
+    server = bh.LabServer(notebooks, work / "lab", env={"DIFFUSION_COURSE_QUICK": "1"})
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        if server.log_path.exists():
+            (artifacts / "jupyterlab.log").write_bytes(server.log_path.read_bytes())
+
+
+@pytest.fixture
+def page(browser, lab):
+    """A fresh browser page (new context: no cookies or storage from other tests)."""
+    context = browser.new_context(viewport=VIEWPORT)
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    page.page_errors = []
+    page.on("pageerror", lambda error: page.page_errors.append(str(error)))
+    yield page
+    context.close()
+    lab.shutdown_kernels()
+
+
+@contextmanager
+def screenshot_on_failure(page, path: Path):
+    """Save what the browser shows when the block fails (for CI logs), then re-raise."""
+    try:
+        yield
+    except BaseException:
+        try:
+            page.screenshot(path=str(path))
+            print(f"  failure screenshot: {path}")
+        except Exception:          # the page itself may be gone
+            pass
+        raise
+
+
+def run_notebook(page, lab, notebook: str, artifacts: Path) -> None:
+    """Open `notebook`, Run All Cells, check that no cell shows an error; full-page screenshot."""
+    num_cells = len(json.loads((lab.notebook_dir / notebook).read_text())["cells"])
+    started = time.monotonic()
+    bh.open_notebook(page, lab, notebook, num_cells)
+    print(f"\n  {notebook}: opened, kernel idle after {time.monotonic() - started:.0f} s")
+    bh.run_all_cells(page)
+    prompts = bh.wait_for_all_cells_run(page, RUN_ALL_TIMEOUT)
+    bh.wait_for_kernel_idle(page, 60)
+    assert bh.error_outputs(page) == []
+    numbers = [int(p.strip("[]:")) for p in prompts]
+    assert numbers == sorted(numbers), f"cells did not run top to bottom: {prompts}"
+    bh.save_full_page(page, artifacts / f"{Path(notebook).stem}-full.png")
+
+
+def explore_slider(page, description, name: str, artifacts: Path, step: float | None = 1,
+                   label_text=None) -> None:
+    """Move the slider three times (End, Home, 3 x ArrowRight); check readout and picture each time.
+
+    step: the slider's step, to check the value after the arrow keys (None: not checked).
+    label_text: for an explorer with its own readout label, label_text(value, max) is the text
+        that label must start with.
+    """
+    view = bh.SliderView(page, description)
+    assert view.slider.count() == 1, f"expected one slider described {description!r}, found {view.slider.count()}"
+    assert view.image.count() == 1, "the explorer shows no picture (img.widget-image)"
+    assert view.fallback.count() >= 1, "the explorer's static fallback figure is missing from its cell"
+    assert view.fallback.first.evaluate("img => img.complete && img.naturalWidth > 100"), "empty fallback figure"
+    view.widget.scroll_into_view_if_needed()
+    low, high = view.handle_value("aria-valuemin"), view.handle_value("aria-valuemax")
+    value = view.handle_value()
+    assert float(view.readout()) == value, f"readout {view.readout()!r} but the handle is at {value:g}"
+
+    if value < high:
+        moves = [("End", ["End"], high), ("Home", ["Home"], low),
+                 ("3 x ArrowRight", ["ArrowRight"] * 3, None if step is None else low + 3 * step)]
+    else:
+        moves = [("Home", ["Home"], low), ("End", ["End"], high),
+                 ("3 x ArrowLeft", ["ArrowLeft"] * 3, None if step is None else high - 3 * step)]
+
+    src, png = view.image_src(), view.image_png()
+    shot = view.image.screenshot()
+    view.widget.screenshot(path=str(artifacts / f"{name}-0-before.png"))
+    for number, (what, keys, expected) in enumerate(moves, start=1):
+        view.press(*keys)
+        if expected is None:          # step unknown: wait for the handle to move, then trust it
+            bh.wait_until(lambda: view.handle_value() != value, 30, message="the handle to move")
+            expected = view.handle_value()
+        new_src = view.wait_for_picture(expected, src)
+        new_png, new_shot = view.image_png(), view.image.screenshot()
+        view.widget.screenshot(path=str(artifacts / f"{name}-{number}-after-{what.replace(' ', '')}.png"))
+        assert view.handle_value() == expected, f"after {what} the handle is at {view.handle_value():g}, not {expected:g}"
+        assert bh.differs(png, new_png), f"after {what} (move {number}) the widget's PNG did not change"
+        assert bh.differs(shot, new_shot), f"after {what} (move {number}) the picture on screen did not change"
+        if label_text is not None:
+            text, wanted = view.label.first.inner_text().strip(), label_text(expected, high)
+            assert text.startswith(wanted), f"after {what} the label next to the slider shows {text!r}, not {wanted!r}..."
+        print(f"  {name}: {what} -> readout {view.readout()!r}" + (f", label {view.label.first.inner_text()!r}"
+                                                                    if label_text is not None else ""))
+        src, png, shot, value = new_src, new_png, new_shot, expected
+    assert bh.error_outputs(page) == [], "an error appeared while moving the slider"
+    if page.page_errors:
+        print(f"  uncaught errors in the page (not failing the test): {page.page_errors}")
+
+
+def test_timestep_slider_in_a_real_browser(page, lab, artifacts):
+    """Lesson 01: the "timestep t" slider redraws x_t for the two schedules."""
+    with screenshot_on_failure(page, artifacts / "01-FAILED.png"):
+        run_notebook(page, lab, "01_forward_noising.ipynb", artifacts)
+        explore_slider(page, "timestep t", "01_timestep", artifacts)
+
+
+def test_reverse_step_slider_in_a_real_browser(page, lab, artifacts):
+    """Lesson 04: the "reverse step" slider replays one cached generation, with a step readout."""
+    with screenshot_on_failure(page, artifacts / "04-FAILED.png"):
+        run_notebook(page, lab, "04_sampling.ipynb", artifacts)
+        explore_slider(page, "reverse step", "04_reverse_step", artifacts,
+                       label_text=lambda value, high: f"step {value:g} / {high:g}")
+
+
+@pytest.mark.skipif(not (SOLUTIONS / LESSON_05).exists(), reason="lesson 05 not written yet")
+def test_guidance_slider_in_a_real_browser(page, lab, artifacts):
+    """Lesson 05: the guidance-scale slider (its description contains "guidance")."""
+    with screenshot_on_failure(page, artifacts / "05-FAILED.png"):
+        run_notebook(page, lab, LESSON_05, artifacts)
+        explore_slider(page, re.compile("guidance", re.IGNORECASE), "05_guidance", artifacts, step=None)
