@@ -1,0 +1,352 @@
+"""Interactive explorers for the notebooks (ipywidgets).
+
+Each explorer is a widget (a VBox) that you display by making it the last line of a cell.
+Its picture is a PNG in an `ipywidgets.Image` that is redrawn in place when a slider moves,
+so the notebook does not fill up with figures. Each explorer also draws a static matplotlib
+figure when it is created, so something shows where widgets do not render (a static HTML
+export, GitHub's notebook viewer).
+
+Tests and curious learners can drive an explorer from code: set `explorer.slider.value` and
+read `explorer.image.value` (the PNG bytes shown) or the explorer's own documented attributes.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import NamedTuple, Sequence
+
+import ipywidgets
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image as PILImage
+from torch import Tensor
+
+from . import viz
+from .schedules import NoiseSchedule, cosine_schedule, linear_schedule, q_sample
+
+
+def figure_to_png(fig: Figure, dpi: int = 80) -> bytes:
+    """Render a matplotlib figure to PNG bytes (for an ipywidgets.Image)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
+
+
+class FastFigure:
+    """Redraw a figure quickly when only a few artists change (blitting).
+
+    Everything else (axes, labels, fixed curves) is drawn once and kept as a background; each
+    `png()` call pastes the background and draws only the `changing` artists on top.
+    """
+
+    def __init__(self, fig: Figure, changing: Sequence):
+        self.canvas = FigureCanvasAgg(fig)
+        self.changing = list(changing)
+        for artist in self.changing:
+            artist.set_animated(True)      # left out of full draws; drawn by png()
+        self.canvas.draw()                 # lays the figure out, then draws the background
+        fig.set_layout_engine("none")      # keep that layout from now on
+        self.background = self.canvas.copy_from_bbox(fig.bbox)
+
+    def png(self) -> bytes:
+        """The figure as PNG bytes, with the changing artists in their current state."""
+        self.canvas.restore_region(self.background)
+        for artist in self.changing:
+            self.canvas.figure.draw_artist(artist)
+        buffer = io.BytesIO()
+        PILImage.fromarray(np.asarray(self.canvas.buffer_rgba())).save(buffer, format="png", compress_level=1)
+        return buffer.getvalue()
+
+
+def show_fallback(fig: Figure) -> None:
+    """Display a static figure as a PNG in the notebook (nothing outside IPython), then close it.
+
+    A PNG is shown rather than the figure itself, so it appears whatever matplotlib backend is active."""
+    try:
+        from IPython import get_ipython
+        from IPython.display import Image, display
+    except ImportError:
+        get_ipython = None
+    if get_ipython is not None and get_ipython() is not None:
+        display(Image(figure_to_png(fig, dpi=100)))
+    plt.close(fig)
+
+
+# --- Lesson 01: the forward process ---------------------------------------------------------
+
+class TimestepExplorer(ipywidgets.VBox):
+    """x_t for a few images under several schedules, with a "timestep t" slider.
+
+    Attributes (for driving it from code):
+        slider: the IntSlider (description "timestep t", 0..T-1); set `slider.value` to move it.
+        image: the ipywidgets.Image showing the current picture; `image.value` is PNG bytes.
+        frames: dict schedule name -> (N, C, H, W) tensor of the x_t now shown.
+        noise: (N, C, H, W) the fixed noise, one draw per image, shared by all schedules.
+        fallback_figure: the static matplotlib figure drawn at creation (closed; can be saved).
+    """
+
+    def __init__(self, images: Tensor, schedules: Sequence[NoiseSchedule], t: int = 0,
+                 seed: int = 0, fallback_timesteps: Sequence[int] | None = None, fallback: bool = True):
+        num_steps = schedules[0].num_steps
+        if any(s.num_steps != num_steps for s in schedules):
+            raise ValueError("All schedules must have the same number of steps.")
+        self.images = images
+        self.schedules = list(schedules)
+        self.noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed)).to(images)
+        self.frames: dict[str, Tensor] = {}
+        self.slider = ipywidgets.IntSlider(value=t, min=0, max=num_steps - 1, step=1,
+                                           description="timestep t", continuous_update=True,
+                                           readout=True, layout=ipywidgets.Layout(width="520px"))
+        self.image = ipywidgets.Image(format="png")
+        figure, self._artists = self._build_figure()
+        self._set_artists(t)                     # before the first draw, so the layout fits the titles
+        self._renderer = FastFigure(figure, self._changing_artists())
+        self.slider.observe(lambda change: self.update(change["new"]), names="value")
+        super().__init__([self.slider, self.image])
+        self.update(t)
+        if fallback_timesteps is None:
+            T = num_steps
+            fallback_timesteps = [0, T // 10, T // 4, T // 2, 3 * T // 4, T - 1]
+        self.fallback_figure = viz.show_noising(images[:2], self.schedules, fallback_timesteps, self.noise[:2])
+        if fallback:
+            show_fallback(self.fallback_figure)
+        else:
+            plt.close(self.fallback_figure)
+
+    def _build_figure(self) -> tuple[Figure, dict]:
+        """One row of images per schedule, and the alpha_bar curves on the right."""
+        n, rows = len(self.images), len(self.schedules)
+        fig = Figure(figsize=(1.3 * n + 4.2, 1.4 * rows + 0.6), dpi=80, layout="constrained")
+        grid = fig.add_gridspec(rows, n + 3)
+        artists = {"images": {}, "titles": {}, "markers": {}}
+        for r, schedule in enumerate(self.schedules):
+            row = []
+            for i in range(n):
+                ax = fig.add_subplot(grid[r, i])
+                row.append(ax.imshow(viz.to_numpy_images(self.images[i:i + 1])[0], cmap="gray", vmin=0, vmax=1))
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if i == 0:
+                    ax.set_ylabel(schedule.name, color=viz.SCHEDULE_COLORS.get(schedule.name, "black"))
+            artists["images"][schedule.name] = row
+            artists["titles"][schedule.name] = fig.axes[r * n].set_title("", fontsize=9, loc="left")
+        curve = fig.add_subplot(grid[:, n:])
+        for schedule in self.schedules:
+            color = viz.SCHEDULE_COLORS.get(schedule.name)
+            curve.plot(schedule.alpha_bar.numpy(), color=color, label=schedule.name)
+            artists["markers"][schedule.name] = curve.plot([0], [1.0], "o", color=color)[0]
+        artists["line"] = curve.axvline(0, color="gray", linestyle=":")
+        curve.set(xlabel="timestep t", title=r"$\bar\alpha_t$ (signal kept)", ylim=(-0.03, 1.03))
+        artists["legend"] = curve.legend(fontsize=8, loc="upper right")
+        curve.grid(alpha=0.3)
+        return fig, artists
+
+    def _changing_artists(self) -> list:
+        """What a slider move redraws: the images, their titles, the markers, the line (and the
+        legend, so that it stays on top of the line)."""
+        a = self._artists
+        images = [artist for row in a["images"].values() for artist in row]
+        return images + [*a["titles"].values(), *a["markers"].values(), a["line"], a["legend"]]
+
+    def update(self, t: int) -> None:
+        """Show x_t at timestep t (called by the slider)."""
+        self._set_artists(t)
+        self.image.value = self._renderer.png()
+
+    def _set_artists(self, t: int) -> None:
+        steps = torch.full((len(self.images),), int(t), dtype=torch.long)
+        for schedule in self.schedules:
+            x_t = q_sample(self.images, steps, schedule, self.noise)
+            self.frames[schedule.name] = x_t
+            for artist, pixels in zip(self._artists["images"][schedule.name], viz.to_numpy_images(x_t)):
+                artist.set_data(pixels)
+            alpha_bar_t = float(schedule.alpha_bar[t])
+            self._artists["titles"][schedule.name].set_text(f"{schedule.name}: " + r"$\bar\alpha_t$"
+                                                            + f" = {alpha_bar_t:.3f}")
+            self._artists["markers"][schedule.name].set_data([t], [alpha_bar_t])
+        self._artists["line"].set_xdata([t, t])
+
+
+def timestep_explorer(images: Tensor, schedules: Sequence[NoiseSchedule] | None = None, t: int = 0,
+                      seed: int = 0, fallback: bool = True) -> TimestepExplorer:
+    """A "timestep t" slider showing x_t ~ q(x_t | x_0) for a few images under each schedule.
+
+    Args:
+        images: (N, C, H, W) clean images in [-1, 1]; 3 to 5 look best.
+        schedules: the schedules to compare; linear and cosine with 1000 steps when None.
+        t: the slider's starting value.
+        seed: seeds the fixed noise (one draw per image, reused for every t and schedule, so
+            moving the slider only changes t).
+        fallback: also display a static figure of x_t at six timesteps.
+    Returns:
+        A TimestepExplorer (an ipywidgets.VBox: [slider, image]); see its attributes.
+    """
+    if schedules is None:
+        schedules = [linear_schedule(), cosine_schedule()]
+    return TimestepExplorer(images, schedules, t=t, seed=seed, fallback=fallback)
+
+
+# --- Lesson 04: the reverse process ---------------------------------------------------------
+
+class ReverseFrame(NamedTuple):
+    """One cached moment of a generation (tensors on the CPU)."""
+
+    step: int         # 0 = the starting noise, num_steps = the finished sample
+    t: int            # the timestep x_t is at; -1 for the finished sample (clean)
+    x_t: Tensor       # (B, C, H, W) what the sampler holds at this moment
+    x0_pred: Tensor   # (B, C, H, W) the model's guess of the clean image, made from x_t
+
+
+class ReverseProcessExplorer(ipywidgets.VBox):
+    """Scrub through one cached generation with a "reverse step" slider.
+
+    The sampler runs once when the explorer is created; x_t and the model's current guess of
+    x_0 are cached at every step, so moving the slider only redraws a picture (and a picture seen
+    once is kept, so going back is instant).
+
+    Attributes (for driving it from code):
+        slider: the IntSlider (description "reverse step", 0..num_steps); 0 is the starting
+            noise x_T, num_steps the finished sample. Set `slider.value` to move it.
+        readout: an ipywidgets.Label next to the slider, e.g. "step 10 / 50 · t = 796".
+        image: the ipywidgets.Image showing x_t (left) and x0_pred (right); `image.value` is PNG bytes.
+        frames: list of ReverseFrame(step, t, x_t, x0_pred), one per slider position.
+        shown: the ReverseFrame now displayed (what the image and the readout show).
+        samples: (B, C, H, W) the finished samples (the same as frames[-1].x_t).
+        fallback_figure: the static strip of frames drawn at creation (closed; can be saved).
+    """
+
+    def __init__(self, frames: Sequence[ReverseFrame], title: str = "", fallback_frames: int = 8,
+                 fallback: bool = True):
+        if len(frames) < 2:
+            raise ValueError("Need at least two frames (the noise and the sample).")
+        self.frames = list(frames)
+        self.samples = self.frames[-1].x_t
+        self.title = title
+        self._png_cache: dict[int, bytes] = {}
+        num_steps = len(self.frames) - 1
+        self.slider = ipywidgets.IntSlider(value=0, min=0, max=num_steps, step=1, description="reverse step",
+                                           continuous_update=True, readout=True, style={"description_width": "initial"},
+                                           layout=ipywidgets.Layout(width="520px"))
+        self.readout = ipywidgets.Label()
+        self.image = ipywidgets.Image(format="png")
+        self._figure, self._artists = self._build_figure()
+        self.slider.observe(lambda change: self.update(change["new"]), names="value")
+        super().__init__([ipywidgets.HBox([self.slider, self.readout]), self.image])
+        self.update(0)
+        self._figure.set_layout_engine("none")   # keep the layout of the first draw: redraws are faster
+        self.fallback_figure = self._draw_fallback(fallback_frames)
+        if fallback:
+            show_fallback(self.fallback_figure)
+        else:
+            plt.close(self.fallback_figure)
+
+    @property
+    def shown(self) -> ReverseFrame:
+        """The frame now displayed."""
+        return self.frames[self.slider.value]
+
+    def describe(self, index: int) -> str:
+        """The readout text for frame `index`."""
+        frame, num_steps = self.frames[index], len(self.frames) - 1
+        where = "finished: the sample x_0" if frame.t < 0 else f"t = {frame.t}"
+        return f"step {frame.step} / {num_steps} · {where}"
+
+    def _build_figure(self) -> tuple[Figure, dict]:
+        """Two panels side by side: x_t and the model's guess of x_0."""
+        first = self.frames[0]
+        n = len(first.x_t)
+        fig = Figure(figsize=(2 * (0.9 * n + 0.3), 1.75), layout="constrained")
+        artists = {}
+        for key, (name, images) in enumerate([("x_t", first.x_t), ("x0_pred", first.x0_pred)]):
+            ax = fig.add_subplot(1, 2, key + 1)
+            artists[name] = ax.imshow(viz.image_grid(images, nrow=n), cmap="gray", vmin=0, vmax=1)
+            ax.set_axis_off()
+            label = r"$x_t$: what the sampler holds" if name == "x_t" else r"model's guess of $x_0$"
+            ax.set_title(label, fontsize=10)
+        artists["title"] = fig.suptitle("", fontsize=10)
+        return fig, artists
+
+    def update(self, index: int) -> None:
+        """Show frame `index` (called by the slider)."""
+        index = int(index)
+        text = self.describe(index)
+        self.readout.value = text
+        if index not in self._png_cache:
+            frame = self.frames[index]
+            n = len(frame.x_t)
+            self._artists["x_t"].set_data(viz.image_grid(frame.x_t, nrow=n))
+            self._artists["x0_pred"].set_data(viz.image_grid(frame.x0_pred, nrow=n))
+            self._artists["title"].set_text(f"{self.title}   {text}".strip())
+            self._png_cache[index] = figure_to_png(self._figure)
+        self.image.value = self._png_cache[index]
+
+    def _draw_fallback(self, count: int) -> Figure:
+        """A strip of `count` frames spread over the run: x_t on top, the guess of x_0 below."""
+        last = len(self.frames) - 1
+        count = max(2, min(count, last + 1))
+        picks = sorted({round(i * last / (count - 1)) for i in range(count)})
+        n = len(self.frames[0].x_t)
+        nrow = max(1, math.ceil(math.sqrt(n)))
+        height, width = viz.image_grid(self.frames[0].x_t, nrow=nrow).shape[:2]
+        cell = 1.45   # inches per frame
+        fig, axes = plt.subplots(2, len(picks), squeeze=False,
+                                 figsize=(cell * len(picks) + 0.6, 2 * cell * height / width + 0.9))
+        for c, index in enumerate(picks):
+            frame = self.frames[index]
+            for r, images in enumerate([frame.x_t, frame.x0_pred]):
+                ax = axes[r, c]
+                ax.imshow(viz.image_grid(images, nrow=nrow), cmap="gray", vmin=0, vmax=1)
+                ax.set_xticks([])
+                ax.set_yticks([])
+            axes[0, c].set_title("done" if frame.t < 0 else f"t = {frame.t}", fontsize=10)
+        axes[0, 0].set_ylabel(r"$x_t$", fontsize=11)
+        axes[1, 0].set_ylabel(r"guess of $x_0$", fontsize=10)
+        if self.title:
+            fig.suptitle(self.title, fontsize=11)
+        fig.tight_layout()
+        return fig
+
+
+def reverse_process_explorer(model, schedule: NoiseSchedule, labels: Sequence[int] | Tensor | None = (0, 1, 2, 3),
+                             sampler: str = "ddim", num_steps: int | None = 50, guidance_scale: float = 3.0,
+                             seed: int = 0, num_images: int = 4, fallback: bool = True) -> ReverseProcessExplorer:
+    """Generate a few images once and explore the reverse process with a "reverse step" slider.
+
+    Args:
+        model: `model(x_t, t, cond) -> eps_pred`. A class-conditional model is wrapped in
+            ClassifierFreeGuidance(guidance_scale) (lesson 05 explains guidance).
+        labels: the classes to generate, one image each; None for unlabelled images.
+        sampler: "ddpm" (every one of the T steps: T + 1 frames), "ddim" or "dpm".
+        num_steps: model calls for "ddim" and "dpm" (ignored by "ddpm").
+        seed: seeds the starting noise (and DDPM's noise), so the same seed gives the same images.
+        num_images: how many images when labels is None.
+        fallback: also display a static strip of 8 frames.
+    Returns:
+        A ReverseProcessExplorer (an ipywidgets.VBox); see its attributes.
+    """
+    from .guidance import ClassifierFreeGuidance
+    from .sampling import sample
+
+    cond = None if labels is None else torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+    count = num_images if cond is None else len(cond)
+    config = model.config
+    generator = torch.Generator().manual_seed(seed)
+    x_T = torch.randn(count, config.in_channels, config.image_size, config.image_size, generator=generator)
+    if getattr(model, "null_class", None) is not None and cond is not None and guidance_scale != 1.0:
+        model = ClassifierFreeGuidance(model, guidance_scale)
+    frames, current = [], {"x": x_T, "t": schedule.num_steps - 1}
+
+    def record(i: int, t_new: int, x_new: Tensor, x0_pred: Tensor) -> None:
+        # x0_pred was made from the x_t held before this step; t_new is where x_new now is.
+        frames.append(ReverseFrame(i, current["t"], current["x"].detach().cpu(), x0_pred.detach().cpu()))
+        current["x"], current["t"] = x_new, t_new
+
+    samples = sample(model, x_T, schedule, sampler, None if sampler == "ddpm" else num_steps,
+                     cond=cond, generator=generator, callback=record)
+    frames.append(ReverseFrame(len(frames), -1, samples.detach().cpu(), samples.detach().cpu()))
+    title = f"{sampler.upper()}, {len(frames) - 1} steps, seed {seed}"
+    return ReverseProcessExplorer(frames, title=title, fallback=fallback)
