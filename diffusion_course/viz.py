@@ -276,10 +276,16 @@ def show_image_rows(rows: Sequence[Tensor], row_labels: Sequence[str],
     """
     if len(rows) != len(row_labels):
         raise ValueError(f"Got {len(row_labels)} row labels for {len(rows)} rows.")
-    ncol = max(len(images) for images in rows)
-    fig, axes = plt.subplots(len(rows), ncol, squeeze=False,
-                             figsize=(size * ncol + 1.3, size * len(rows) + (0.5 if title else 0.2)
-                                      + (0.2 if column_labels else 0)))
+    ncol, nrows, gap = max(len(images) for images in rows), len(rows), 0.06
+    # Fixed margins in inches: the row labels (about 0.075 inch per character at font size 9) on
+    # the left, the title and column labels on top. Images of `size` inches fill the rest.
+    left = 0.075 * max(len(line) for label in row_labels for line in str(label).split("\n")) + 0.25
+    top = (0.45 if title else 0.05) + (0.25 if column_labels is not None else 0)
+    grid_width, grid_height = size * (ncol + (ncol - 1) * gap), size * (nrows + (nrows - 1) * gap)
+    width, height = left + grid_width + 0.05, top + grid_height + 0.05
+    fig, axes = plt.subplots(nrows, ncol, squeeze=False, figsize=(width, height))
+    fig.subplots_adjust(left=left / width, right=1 - 0.05 / width, bottom=0.05 / height,
+                        top=1 - top / height, wspace=gap, hspace=gap)
     for r, (images, label) in enumerate(zip(rows, row_labels)):
         pixels = to_numpy_images(images)
         for c, ax in enumerate(axes[r]):
@@ -287,14 +293,11 @@ def show_image_rows(rows: Sequence[Tensor], row_labels: Sequence[str],
             ax.set_yticks([])
             if c < len(pixels):
                 ax.imshow(pixels[c], cmap="gray", vmin=0, vmax=1)
-            else:
-                ax.set_axis_off()
+            else:   # an empty cell: hide the frame but keep the axes, so column labels line up
+                ax.spines[:].set_visible(False)
             if r == 0 and column_labels is not None and c < len(column_labels):
                 ax.set_title(column_labels[c], fontsize=9)
         axes[r, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
-    top = 1.0
     if title:
-        fig.suptitle(title)
-        top = 1 - 0.4 / fig.get_figheight()   # keep the title clear of the column labels
-    fig.tight_layout(pad=0.3, w_pad=0.1, h_pad=0.1, rect=(0, 0, 1, top))
+        fig.suptitle(title, y=1 - 0.08 / height, va="top")
     return fig
