@@ -23,13 +23,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import math
 import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import guidance, sampling, schedules, training, unet
+from . import editing, guidance, sampling, schedules, training, unet
 from .schedules import gather
 
 STRICT_ENV = "DIFFUSION_COURSE_STRICT_CHECKS"
@@ -93,7 +94,7 @@ def _call(fn, *args, size_hint: str = BROADCAST_HINT, **kwargs):
         message = f"your function raised {type(error).__name__}: {error}"
         if "must match the size" in str(error):
             message += f"\n   {size_hint}"
-        elif isinstance(error, IndexError) and "out of bounds" in str(error):
+        elif isinstance(error, IndexError) and "out of bounds" in str(error) or "t must lie in [0," in str(error):
             message += "\n   Is t off by one? The steps are numbered 0 to T - 1."
         raise _Wrong(message) from None
 
@@ -637,3 +638,112 @@ def check_guided_eps(fn):
                 scale * (eps_cond - eps_uncond),
         }))
     return "your guided noise prediction matches the reference."
+
+
+# ----------------------------------------------------------------------------------------------
+# Editing
+
+
+def _start_point(got) -> tuple:
+    """(x_t, t_start) from what an img2img_start returned (a StartPoint or any pair)."""
+    if got is None:
+        raise _Wrong("your function returned None: did you forget the return statement?")
+    if isinstance(got, Tensor) or not isinstance(got, (tuple, list)) or len(got) != 2:
+        raise _Wrong("return two things: the noisy images x_t and the timestep t_start "
+                     "(editing.StartPoint(x_t, t_start) or a plain pair).")
+    x_t, t_start = got
+    if isinstance(t_start, Tensor) and t_start.numel() == 1:
+        t_start = t_start.item()
+    if isinstance(t_start, float) and t_start.is_integer():
+        t_start = int(t_start)
+    if isinstance(t_start, bool) or not isinstance(t_start, int):
+        raise _Wrong(f"t_start should be a whole step number (an int), got {t_start!r}.")
+    return x_t, t_start
+
+
+@_checker
+def check_img2img_start(fn):
+    """Check fn(x0, strength, schedule, noise) -> (x_t, t_start) against editing.img2img_start."""
+    schedule = schedules.linear_schedule(50)
+    T = schedule.num_steps
+    x0 = torch.rand(3, 1, 5, 5) * 2 - 1
+    noise = torch.randn_like(x0)
+    for strength in (0.5, 0.13, 0.9, 1.0):
+        want = editing.img2img_start(x0, strength, schedule, noise)
+        x_t, t_start = _start_point(_call(fn, x0, strength, schedule, noise))
+        if t_start != want.t_start:
+            raise _Wrong({
+                want.t_start + 1: f"t_start is off by one: with strength {strength} and T = {T} you chose step "
+                                  f"{t_start}. Steps are numbered 0 to T - 1, so strength 1 must give T - 1.",
+                want.t_start - 1: f"t_start is off by one (one step too small) for strength {strength}: round "
+                                  "strength * T up, then subtract one.",
+                math.ceil((1 - strength) * T) - 1: "strength is inverted: strength 1 should go all the way to "
+                                                   "noise (t_start = T - 1), a small strength only a little way.",
+            }.get(t_start, f"with strength {strength} and T = {T}, t_start should be {want.t_start}, not {t_start}."))
+        if strength == 1.0 and _close(x_t, want.x_t, atol=1e-2, rtol=0):
+            continue        # q_sample at T - 1 or the noise itself: both ignore x0 (to within 1e-2 here)
+        t = torch.full((len(x0),), t_start)
+
+        def diagnose():
+            return _first_match(x_t, {
+                "the noise level matches alpha_t rather than alpha_bar_t (the cumulative product).":
+                    schedules.q_sample(x0, t, _schedule_with(schedule, alpha_bar=schedule.alpha), noise),
+                "x_t is x0 itself: noise it to step t_start with q_sample.": x0,
+                "x_t is noised to step t_start + 1; the start point must be at t_start itself.":
+                    schedules.q_sample(x0, (t + 1).clamp(max=T - 1), schedule, noise),
+                "x_t is noised to step t_start - 1; the start point must be at t_start itself.":
+                    schedules.q_sample(x0, (t - 1).clamp(min=0), schedule, noise),
+            }) or _ignores_argument(lambda *args: _start_point(_call(fn, *args))[0], x_t, "noise",
+                                    x0, strength, schedule, noise)
+
+        _compare(x_t, want.x_t, diagnose)
+    return "your SDEdit start point matches the reference (t_start and x_t)."
+
+
+@_checker
+def check_inpaint_step(fn):
+    """Check fn(x_t, t, x_known, mask, schedule, noise) -> x against editing.inpaint_step."""
+    schedule = schedules.linear_schedule(50)
+    x_t, x_known, noise = torch.randn(3, 2, 1, 6, 6)
+    x_known = x_known.clamp(-1, 1)
+    mask = torch.zeros(1, 1, 6, 6)
+    mask[..., 1:4, 2:5] = 1            # 1: generate, 0: known
+    for t in (20, 3, -1):
+        want = editing.inpaint_step(x_t, t, x_known, mask, schedule, noise)
+        try:
+            got = _call(fn, x_t, t, x_known, mask, schedule, noise)
+        except _Wrong as wrong:
+            if t == -1:
+                raise _Wrong(f"{str(wrong).splitlines()[0]}\n   t = -1 is the final replacement after the last "
+                             "step: the sample is clean there, so the known pixels go back without noise.") from None
+            raise
+        t_batch = torch.full((len(x_t),), t)
+        known_t = x_known if t < 0 else schedules.q_sample(x_known, t_batch, schedule, noise)
+
+        def diagnose():
+            mistakes = {
+                "the mask is inverted: 1 marks the pixels to generate (keep x_t there), 0 the known pixels.":
+                    (1 - mask) * x_t + mask * known_t,
+                "the known pixels are put back clean, but x_t is noisy: noise them to step t first (q_sample), "
+                "so they match the rest of the image.": mask * x_t + (1 - mask) * x_known,
+                "the known pixels are missing from the result.": mask * x_t,
+                "t = -1 means the clean image (after the last step), not alpha_bar[-1], the last step of the "
+                "schedule.": mask * x_t + (1 - mask) * schedules.q_sample(
+                    x_known, torch.full((len(x_t),), schedule.num_steps - 1), schedule, noise),
+            }
+            if t >= 0:
+                mistakes.update({
+                    "the known pixels are noised with alpha_t rather than alpha_bar_t (the cumulative product).":
+                        mask * x_t + (1 - mask) * schedules.q_sample(
+                            x_known, t_batch, _schedule_with(schedule, alpha_bar=schedule.alpha), noise),
+                    "looks like t is off by one: the known pixels are noised to step t + 1, the sample is at t.":
+                        mask * x_t + (1 - mask) * schedules.q_sample(x_known, t_batch + 1, schedule, noise),
+                    "looks like t is off by one: the known pixels are noised to step t - 1, the sample is at t.":
+                        mask * x_t + (1 - mask) * schedules.q_sample(x_known, (t_batch - 1).clamp(min=0),
+                                                                     schedule, noise),
+                })
+            return _first_match(got, mistakes) or _ignores_argument(fn, got, "noise", x_t, t, x_known, mask,
+                                                                    schedule, noise)
+
+        _compare(got, want, diagnose)
+    return "your inpainting step keeps the generated pixels and puts back the known ones, noised to step t."

@@ -70,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     source = edit.add_mutually_exclusive_group(required=True)
     source.add_argument("--image", help="a PNG/JPEG image (resized to the model's size; grey for MNIST)")
     source.add_argument("--test-digit", type=int, help="index of an MNIST test-set digit")
-    edit.add_argument("--strength", type=float, default=0.6, help="img2img: 0 keeps the image, 1 ignores it")
-    edit.add_argument("--mask", choices=sorted(MASKS), help="inpaint this region instead of img2img")
+    edit.add_argument("--strength", type=float, help="img2img: 0 keeps the image, 1 ignores it (default 0.6)")
+    edit.add_argument("--mask", choices=sorted(MASKS), help="inpaint this region (regenerate it) instead of img2img")
     edit.add_argument("--label", type=int, help="class to steer towards (default: unconditional)")
     edit.add_argument("--num", type=int, default=8, help="how many variations")
     edit.add_argument("--guidance", type=float, default=3.0)
@@ -232,8 +232,21 @@ def load_image(path: str, channels: int, size: int) -> torch.Tensor:
 def run_edit(args) -> int:
     from . import editing
 
+    if Path(args.out).suffix != ".npz":
+        raise ValueError(f"--out must end in .npz, got {args.out}.")
+    if args.num < 1:
+        raise ValueError(f"--num must be at least 1, got {args.num}.")
+    if args.mask is not None and args.strength is not None:
+        raise ValueError("Give --strength (image-to-image) or --mask (inpainting), not both.")
+    strength = 0.6 if args.strength is None else args.strength
+    if not 0 <= strength <= 1:
+        raise ValueError(f"--strength must lie in [0, 1], got {strength}.")
     checkpoint = checkpoints.load_checkpoint(args.checkpoint)
     model, config = checkpoint.model, checkpoint.model.config
+    if args.label is not None and model.null_class is None:
+        raise ValueError("This checkpoint is unconditional: leave out --label.")
+    if args.label is not None and not 0 <= args.label < model.null_class:
+        raise ValueError(f"--label must lie in [0, {model.null_class}), got {args.label}.")
     if args.image is not None:
         image = load_image(args.image, config.in_channels, config.image_size)
     else:
@@ -241,10 +254,8 @@ def run_edit(args) -> int:
         if not 0 <= args.test_digit < len(test.images):
             raise ValueError(f"--test-digit must lie in [0, {len(test.images)}), got {args.test_digit}.")
         image = test.images[args.test_digit:args.test_digit + 1]
-    if not 0 <= args.strength <= 1:
-        raise ValueError(f"--strength must lie in [0, 1], got {args.strength}.")
     images = image.expand(args.num, -1, -1, -1).contiguous()
-    labels = parse_labels(str(args.label), args.num, model.null_class) if args.label is not None else None
+    labels = None if args.label is None else torch.full((args.num,), args.label, dtype=torch.long)
     if model.null_class is not None and args.guidance != 1.0 and labels is not None:
         model = ClassifierFreeGuidance(model, args.guidance)
     generator = torch.Generator().manual_seed(args.seed)
@@ -252,7 +263,7 @@ def run_edit(args) -> int:
         mask = make_mask(args.mask, config.image_size)
         out = editing.inpaint(model, images, mask, checkpoint.schedule, args.sampler, args.steps, labels, generator)
     else:
-        out = editing.img2img(model, images, checkpoint.schedule, args.strength, args.sampler, args.steps,
+        out = editing.img2img(model, images, checkpoint.schedule, strength, args.sampler, args.steps,
                               labels, generator)
     save_samples(args.out, torch.cat([image, out.clamp(-1, 1)]),
                  torch.cat([torch.tensor([-1]), labels if labels is not None else torch.full((args.num,), -1)]))

@@ -13,6 +13,7 @@ All three reuse the samplers of sampling.py unchanged, with any model (guided or
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -31,15 +32,21 @@ class StartPoint(NamedTuple):
 def img2img_start(x0: Tensor, strength: float, schedule: NoiseSchedule, noise: Tensor | None = None) -> StartPoint:
     """SDEdit's starting point: x0 noised to the timestep t_start = ceil(strength * T) - 1.
 
+    strength 1 gives t_start = T - 1 and returns the noise itself (the input is ignored entirely);
+    a small strength gives a small t_start, so little of x0 is lost.
+
     Args:
         x0: (B, C, H, W) images in [-1, 1].
         strength: in (0, 1]; how far towards pure noise to go (1: all the way).
+        noise: (B, C, H, W) standard normal; drawn with randn_like when None.
+    Returns:
+        StartPoint(x_t, t_start): (B, C, H, W) noisy images and their timestep, an int in [0, T).
     """
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must lie in (0, 1] here (0 means 'no edit'), got {strength}.")
     if noise is None:
         noise = torch.randn_like(x0)
-    t_start = max(0, int(torch.tensor(strength * schedule.num_steps).ceil()) - 1)
+    t_start = max(0, math.ceil(strength * schedule.num_steps) - 1)
     if strength == 1.0:
         return StartPoint(noise, t_start)       # pure noise: the input is ignored entirely
     t = torch.full((x0.shape[0],), t_start, dtype=torch.long, device=x0.device)
@@ -55,6 +62,7 @@ def img2img(model, x0: Tensor, schedule: NoiseSchedule, strength: float = 0.6, s
     of them (DDPM takes every step from t_start down). Returns (B, C, H, W) in about [-1, 1].
     """
     _check_images(x0)
+    _check_strength(strength)
     if strength == 0:
         return x0.clone()
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
@@ -110,12 +118,43 @@ def outpaint(model, image: Tensor, schedule: NoiseSchedule, left: int = 0, right
     """Extend the canvas by the given number of pixels on each side and fill the new border.
 
     The network is convolutional, so it runs on the larger canvas; its sides must divide by
-    the U-Net's downsampling factor (4 for the course model). Returns the larger images.
+    the U-Net's downsampling factor (4 for the course model). Returns the larger images,
+    (B, C, top + H + bottom, left + W + right).
     """
     _check_images(image)
+    pads = {"left": left, "right": right, "top": top, "bottom": bottom}
+    bad = {name: value for name, value in pads.items() if not isinstance(value, int) or value < 0}
+    if bad:
+        raise ValueError(f"outpaint needs whole, non-negative numbers of pixels per side, got {bad}.")
     canvas = F.pad(image, (left, right, top, bottom), value=-1.0)     # -1 is black
     mask = F.pad(torch.zeros_like(image[:1, :1]), (left, right, top, bottom), value=1.0)
     return inpaint(model, canvas, mask, schedule, **inpaint_kwargs)
+
+
+def slerp(noise_a: Tensor, noise_b: Tensor, weight: float) -> Tensor:
+    """Spherical interpolation between two noise tensors (weight 0: noise_a, 1: noise_b).
+
+    Gaussian noise in many dimensions lies near a sphere of radius sqrt(numel); a straight line
+    between two draws cuts inside it (at weight 0.5 the norm shrinks by about 1/sqrt(2)), where the
+    model has never seen its inputs. Slerp follows the sphere instead (Shoemake 1985), per image:
+
+        slerp = sin((1 - weight) theta) / sin(theta) * a + sin(weight theta) / sin(theta) * b
+    """
+    if noise_a.shape != noise_b.shape:
+        raise ValueError(f"the two noises must have the same shape, got {tuple(noise_a.shape)} "
+                         f"and {tuple(noise_b.shape)}.")
+    a, b = noise_a.flatten(1), noise_b.flatten(1)
+    cos = (a * b).sum(1, keepdim=True) / (a.norm(dim=1, keepdim=True) * b.norm(dim=1, keepdim=True))
+    theta = torch.arccos(cos.clamp(-1, 1))
+    if bool((theta.abs() < 1e-4).all()):       # (nearly) the same direction: a straight line is as good
+        return (1 - weight) * noise_a + weight * noise_b
+    mixed = (torch.sin((1 - weight) * theta) * a + torch.sin(weight * theta) * b) / torch.sin(theta)
+    return mixed.view_as(noise_a)
+
+
+def _check_strength(strength: float) -> None:
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be a number in [0, 1] (0 keeps the image, 1 ignores it), got {strength!r}.")
 
 
 def _check_images(images: Tensor) -> None:
@@ -125,6 +164,8 @@ def _check_images(images: Tensor) -> None:
 
 
 def _check_mask(mask: Tensor, image: Tensor) -> Tensor:
+    if not isinstance(mask, Tensor):
+        raise ValueError(f"mask must be a tensor of 0s and 1s, got a {type(mask).__name__}.")
     mask = mask.to(image.device, image.dtype)
     if mask.ndim != 4 or mask.shape[-2:] != image.shape[-2:] or mask.shape[0] not in (1, image.shape[0]) \
             or mask.shape[1] not in (1, image.shape[1]):

@@ -54,6 +54,8 @@ class ClassifierFreeGuidance(nn.Module):
         if cond is None:
             cond = torch.full_like(t, self.null_class)
         uncond = self._uncond_labels(t)
+        if torch.equal(cond, uncond):
+            return self.model(x_t, t, cond)       # both branches alike (e.g. no label): one call is enough
         if self.guidance_scale == 1.0:
             return self.model(x_t, t, cond)       # w = 1: the unconditional branch cancels out
         if self.guidance_scale == 0.0:

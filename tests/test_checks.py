@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from diffusion_course import checks, guidance, sampling, schedules, training, unet
+from diffusion_course import checks, editing, guidance, sampling, schedules, training, unet
 from diffusion_course.schedules import gather
 
 
@@ -311,6 +312,80 @@ def drop_ignores_generator(cond, null_class, p, generator=None):
     return training.drop_labels(cond, null_class, p)
 
 
+def _noised(x0, step, schedule, noise):
+    return schedules.q_sample(x0, torch.full((len(x0),), step), schedule, noise)
+
+
+def start_no_minus_one(x0, strength, schedule, noise=None):
+    t_start = min(math.ceil(strength * schedule.num_steps), schedule.num_steps - 1)
+    return _noised(x0, t_start, schedule, noise), math.ceil(strength * schedule.num_steps)
+
+
+def start_inverted(x0, strength, schedule, noise=None):
+    t_start = math.ceil((1 - strength) * schedule.num_steps) - 1
+    return _noised(x0, max(t_start, 0), schedule, noise), t_start
+
+
+def start_alpha(x0, strength, schedule, noise=None):
+    t_start = math.ceil(strength * schedule.num_steps) - 1
+    return _noised(x0, t_start, dataclasses.replace(schedule, alpha_bar=schedule.alpha), noise), t_start
+
+
+def start_not_noised(x0, strength, schedule, noise=None):
+    return x0, math.ceil(strength * schedule.num_steps) - 1
+
+
+def start_noise_one_step_late(x0, strength, schedule, noise=None):
+    t_start = math.ceil(strength * schedule.num_steps) - 1
+    return _noised(x0, min(t_start + 1, schedule.num_steps - 1), schedule, noise), t_start
+
+
+def start_fresh_noise(x0, strength, schedule, noise=None):
+    return editing.img2img_start(x0, strength, schedule)
+
+
+def start_float_step(x0, strength, schedule, noise=None):
+    x_t, t_start = editing.img2img_start(x0, strength, schedule, noise)
+    return x_t, t_start + 0.5
+
+
+def start_no_pair(x0, strength, schedule, noise=None):
+    return editing.img2img_start(x0, strength, schedule, noise).x_t
+
+
+def inpaint_inverted(x_t, t, x_known, mask, schedule, noise=None):
+    return editing.inpaint_step(x_t, t, x_known, 1 - mask, schedule, noise)
+
+
+def inpaint_not_noised(x_t, t, x_known, mask, schedule, noise=None):
+    return mask * x_t + (1 - mask) * x_known
+
+
+def inpaint_t_plus_one(x_t, t, x_known, mask, schedule, noise=None):
+    return editing.inpaint_step(x_t, t + 1 if t >= 0 else t, x_known, mask, schedule, noise)
+
+
+def inpaint_alpha(x_t, t, x_known, mask, schedule, noise=None):
+    return editing.inpaint_step(x_t, t, x_known, mask, dataclasses.replace(schedule, alpha_bar=schedule.alpha), noise)
+
+
+def inpaint_ignores_clean_step(x_t, t, x_known, mask, schedule, noise=None):
+    return mask * x_t + (1 - mask) * _noised(x_known, t, schedule, noise)     # q_sample rejects t = -1
+
+
+def inpaint_wraps_minus_one(x_t, t, x_known, mask, schedule, noise=None):
+    alpha_bar_t = schedule.alpha_bar[t]       # t = -1 quietly picks the last step of the schedule
+    return mask * x_t + (1 - mask) * (alpha_bar_t.sqrt() * x_known + (1 - alpha_bar_t).sqrt() * noise)
+
+
+def inpaint_fresh_noise(x_t, t, x_known, mask, schedule, noise=None):
+    return editing.inpaint_step(x_t, t, x_known, mask, schedule)
+
+
+def inpaint_forgets_known(x_t, t, x_known, mask, schedule, noise=None):
+    return mask * x_t
+
+
 # ----------------------------------------------------------------------------------------------
 
 REFERENCES = {
@@ -324,6 +399,8 @@ REFERENCES = {
     "check_ddim_step": sampling.ddim_step,
     "check_guided_eps": guidance.guided_eps,
     "check_drop_labels": training.drop_labels,
+    "check_img2img_start": editing.img2img_start,
+    "check_inpaint_step": editing.inpaint_step,
 }
 
 MISTAKES = [   # (checker, wrong function, a word the diagnosis must contain)
@@ -375,6 +452,22 @@ MISTAKES = [   # (checker, wrong function, a word the diagnosis must contain)
     ("check_drop_labels", drop_to_zero, "instead of null_class"),
     ("check_drop_labels", drop_in_place, "in place"),
     ("check_drop_labels", drop_ignores_generator, "generator"),
+    ("check_img2img_start", start_no_minus_one, "off by one"),
+    ("check_img2img_start", start_inverted, "inverted"),
+    ("check_img2img_start", start_alpha, "alpha_bar"),
+    ("check_img2img_start", start_not_noised, "x0 itself"),
+    ("check_img2img_start", start_noise_one_step_late, "t_start + 1"),
+    ("check_img2img_start", start_fresh_noise, "same noise"),
+    ("check_img2img_start", start_float_step, "whole step"),
+    ("check_img2img_start", start_no_pair, "return two things"),
+    ("check_inpaint_step", inpaint_inverted, "mask is inverted"),
+    ("check_inpaint_step", inpaint_not_noised, "noise them to step t"),
+    ("check_inpaint_step", inpaint_t_plus_one, "off by one"),
+    ("check_inpaint_step", inpaint_alpha, "alpha_bar"),
+    ("check_inpaint_step", inpaint_ignores_clean_step, "final replacement"),
+    ("check_inpaint_step", inpaint_wraps_minus_one, "t = -1 means the clean image"),
+    ("check_inpaint_step", inpaint_fresh_noise, "same noise"),
+    ("check_inpaint_step", inpaint_forgets_known, "known pixels are missing"),
 ]
 
 

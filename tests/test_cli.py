@@ -162,3 +162,66 @@ def test_generate_ddim_does_not_depend_on_batch_size(tiny_cond_unet):
     whole = cli.generate(tiny_cond_unet, schedule, 6, labels, sampler="ddim", steps=5, batch_size=6)
     parts = cli.generate(tiny_cond_unet, schedule, 6, labels, sampler="ddim", steps=5, batch_size=4)
     torch.testing.assert_close(whole, parts)
+
+
+def edit_args(run_dir, out, *extra):
+    return ["edit", "--checkpoint", str(run_dir), "--test-digit", "7", "--num", "2", "--sampler", "ddim",
+            "--steps", "3", "--out", str(out), *extra]
+
+
+def test_edit_img2img_on_a_test_digit(run_dir, tmp_path, capsys):
+    from diffusion_course import data
+    out = tmp_path / "edit.npz"
+    assert cli.main(edit_args(run_dir, out, "--strength", "0.3")) == 0
+    assert "wrote the original and 2 edits" in capsys.readouterr().out
+    images, labels = read_npz(out)
+    assert images.shape == (3, 28, 28) and labels.tolist() == [-1, -1, -1]
+    digit = data.to_image_range(data.load_dataset("mnist", train=False).images[7:8])[0, 0].numpy()
+    assert np.array_equal(images[0], digit)                       # the original comes first
+    assert out.with_suffix(".png").is_file()
+    kept = tmp_path / "kept.npz"                                  # strength 0: the edits are the original
+    assert cli.main(edit_args(run_dir, kept, "--strength", "0")) == 0
+    kept_images, _ = read_npz(kept)
+    assert np.array_equal(kept_images[1], digit) and np.array_equal(kept_images[2], digit)
+
+
+def test_edit_inpaint_keeps_the_pixels_outside_the_mask(run_dir, tmp_path):
+    out = tmp_path / "inpaint.npz"
+    assert cli.main(edit_args(run_dir, out, "--mask", "right", "--label", "3")) == 0
+    images, labels = read_npz(out)
+    assert labels.tolist() == [-1, 3, 3]
+    assert np.array_equal(images[1:, :, :14], np.broadcast_to(images[0, :, :14], (2, 28, 14)))
+    assert not np.array_equal(images[1, :, 14:], images[0, :, 14:])
+
+
+def test_edit_an_image_file(run_dir, tmp_path):
+    from PIL import Image
+    path = tmp_path / "digit.png"
+    Image.fromarray((np.arange(32 * 32) % 256).astype(np.uint8).reshape(32, 32)).save(path)
+    out = tmp_path / "file.npz"
+    assert cli.main(["edit", "--checkpoint", str(run_dir), "--image", str(path), "--num", "1", "--steps", "2",
+                     "--strength", "0.5", "--out", str(out)]) == 0
+    assert read_npz(out)[0].shape == (2, 28, 28)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--strength", "1.5"], "--strength must lie in [0, 1]"),
+    (["--strength", "0.5", "--mask", "left"], "not both"),
+    (["--num", "0"], "--num must be at least 1"),
+    (["--label", "10"], "--label must lie in [0, 10)"),
+    (["--out", "{tmp}/edit.png"], "--out must end in .npz"),
+    (["--test-digit", "10000"], "--test-digit must lie in [0, 10000)"),
+])
+def test_edit_errors(run_dir, tmp_path, capsys, args, message):
+    argv = edit_args(run_dir, tmp_path / "x.npz") + [a.format(tmp=tmp_path) for a in args]
+    assert cli.main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: ") and message in captured.err
+    assert not (tmp_path / "x.npz").exists()
+
+
+def test_edit_rejects_an_unreadable_image(run_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    assert cli.main(["edit", "--checkpoint", str(run_dir), "--image", str(bad), "--out", str(tmp_path / "x.npz")]) == 2
+    assert "Could not read the image" in capsys.readouterr().err

@@ -104,3 +104,37 @@ def test_unconditional_model_rejected(tiny_unet):
 def test_negative_out_of_range_rejected(tiny_cond_unet, negative):
     with pytest.raises(ValueError, match=r"negative must be a class label in \[0, 10\)"):
         ClassifierFreeGuidance(tiny_cond_unet, 3.0, negative=negative)
+
+
+class LabelRecorder(torch.nn.Module):
+    """Wraps a model and records the labels of every call."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.null_class, self.labels = model, model.null_class, []
+
+    def forward(self, x_t, t, cond=None):
+        self.labels.append(None if cond is None else cond.tolist())
+        return self.model(x_t, t, cond)
+
+
+def test_negative_condition_changes_only_the_labels_of_the_unconditional_branch(tiny_cond_unet):
+    x, t, cond = inputs()
+    plain, steered = LabelRecorder(tiny_cond_unet), LabelRecorder(tiny_cond_unet)
+    with torch.no_grad():
+        ClassifierFreeGuidance(plain, 3.0)(x, t, cond)
+        ClassifierFreeGuidance(steered, 3.0, negative=4)(x, t, cond)
+    assert plain.labels == [[1, 7, 3, 10, 10, 10]]        # one batched call: conditional, then null
+    assert steered.labels == [[1, 7, 3, 4, 4, 4]]         # the negative label replaces only the null
+
+
+def test_no_label_and_no_negative_takes_one_call(tiny_cond_unet):
+    """Unconditional sampling through the wrapper: both branches would be the null class, so the
+    wrapper calls the model once, and the result is exactly the null-class prediction."""
+    x, t, _ = inputs()
+    recorder = LabelRecorder(tiny_cond_unet)
+    with torch.no_grad():
+        out = ClassifierFreeGuidance(recorder, 5.0)(x, t)
+        expected = tiny_cond_unet(x, t, torch.full_like(t, 10))
+    assert recorder.labels == [[10, 10, 10]]
+    assert torch.equal(out, expected)
