@@ -449,8 +449,8 @@ class GuidanceExplorer(ipywidgets.VBox):
         if not self._cache[key][1]:
             digit, scale, steps, seed = key
             self._grid.set_data(viz.image_grid(images, nrow=self.num_images))
-            self._title.set_text(f"digit {digit}, guidance scale w = {scale:.1f}  "
-                                 f"({self.sampler.upper()}, {steps} steps, seed {seed})")
+            sampler = {"dpm": "DPM-Solver++", "ddim": "DDIM", "ddpm": "DDPM"}.get(self.sampler, self.sampler)
+            self._title.set_text(f"digit {digit}, guidance scale w = {scale:.1f}  ({sampler}, {steps} steps, seed {seed})")
             self._cache[key] = (images, figure_to_png(self._figure))
         self.images = images
         self.image.value = self._cache[key][1]
