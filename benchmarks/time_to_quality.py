@@ -1,0 +1,147 @@
+"""Time to quality: train from scratch with the default settings, evaluate the model at marks.
+
+    python -m benchmarks.time_to_quality             (10 minutes of training + about 8 of evaluation)
+    python -m benchmarks.time_to_quality --minutes 1,2,5 --num 500
+    python -m benchmarks.time_to_quality --quick      (seconds; checks that it runs)
+
+The model is the one `diffusion-course train --dataset mnist` builds (class-conditional U-Net,
+UNetConfig defaults, cosine schedule) trained by `training.train` with the default TrainConfig.
+Training runs in pieces up to each wall-time mark, resuming from the checkpoint saved at the
+previous one (budgets are totals, and saving and loading are not counted), so the evaluation, done
+after all training, never counts against the training clock. Each checkpoint (its EMA weights)
+then draws `--num` digits, labels 0-9 in turn, with guidance 3 and DPM-Solver++ 20 steps, scored
+by the metrics classifier: class accuracy, and the Frechet distance next to the real-vs-real
+baseline at the same sample count.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+if __package__ in (None, ""):      # run as `python benchmarks/time_to_quality.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+from benchmarks import common
+from diffusion_course import checkpoints, cli, data, metrics, schedules, training
+from diffusion_course.unet import UNet, UNetConfig
+
+DEFAULT_MARKS = "1,2,5,10"
+
+
+def parse_marks(text: str) -> list[float]:
+    try:
+        marks = [float(m) for m in text.split(",") if m.strip()]
+    except ValueError:
+        raise ValueError(f"--minutes must be comma-separated numbers, e.g. 1,2,5,10; got {text!r}.") from None
+    if not marks or any(m <= 0 for m in marks) or marks != sorted(set(marks)):
+        raise ValueError(f"--minutes must be positive and increasing, got {text!r}.")
+    return marks
+
+
+def mark_key(minutes: float) -> str:
+    return f"{minutes:g}_min"
+
+
+def train_to_marks(marks: list[float], run_dir: Path, config: training.TrainConfig, seed: int,
+                   base_channels: int, limit: int | None = None) -> list[Path]:
+    """Train once, stopping at each mark to save a checkpoint; returns one folder per mark."""
+    dataset = data.load_dataset("mnist", limit=limit)
+    folders = []
+    for i, minutes in enumerate(marks):
+        torch.manual_seed(seed)     # the same initial weights as a single uninterrupted run
+        model = UNet(UNetConfig(base_channels=base_channels, num_classes=10))
+        result = training.train(model, dataset.images, schedules.cosine_schedule(),
+                                replace(config, minutes=minutes),
+                                dataset.labels, out_dir=run_dir, resume=i > 0, dataset="mnist")
+        folders.append(checkpoints.latest_checkpoint(run_dir))
+        common.log(f"mark {minutes:g} min: step {result.step}, {result.seconds:.0f} s of training, "
+                   f"loss (last 50 steps) {sum(result.losses[-50:]) / max(1, len(result.losses[-50:])):.4f}")
+    return folders
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = common.make_parser(__doc__.splitlines()[0])
+    parser.add_argument("--minutes", default=DEFAULT_MARKS, help=f"wall-time marks (default {DEFAULT_MARKS})")
+    parser.add_argument("--num", type=int, help="samples per evaluation (default 1000; 20 with --quick)")
+    parser.add_argument("--guidance", type=float, default=3.0)
+    parser.add_argument("--steps", type=int, default=20, help="DPM-Solver++ steps for the evaluation")
+    parser.add_argument("--run-dir", help="keep the checkpoints here (default: a temporary folder, deleted)")
+    parser.add_argument("--seed", type=int, default=0)
+    recipe = parser.add_argument_group("recipe (defaults: TrainConfig's and UNetConfig's)")
+    recipe.add_argument("--batch-size", type=int, default=training.TrainConfig.batch_size)
+    recipe.add_argument("--lr", type=float, default=training.TrainConfig.lr)
+    recipe.add_argument("--warmup-steps", type=int, default=training.TrainConfig.warmup_steps)
+    recipe.add_argument("--ema-decay", type=float, default=training.TrainConfig.ema_decay)
+    recipe.add_argument("--base-channels", type=int, default=UNetConfig.base_channels)
+    args = parser.parse_args(argv)
+    limit = None
+    if args.quick:
+        args.minutes, args.steps, args.batch_size, limit = "0.02,0.04", 5, 16, 2000
+    args.num = (20 if args.quick else 1000) if args.num is None else args.num
+    try:
+        marks = parse_marks(args.minutes)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.num < 2:
+        parser.error("--num must be at least 2 (a Frechet distance needs a spread).")
+
+    config = training.TrainConfig(minutes=marks[-1], batch_size=args.batch_size, lr=args.lr,
+                                  warmup_steps=args.warmup_steps, ema_decay=args.ema_decay,
+                                  keep_checkpoints=len(marks) + 1, seed=args.seed, progress=not args.quick)
+    info = common.machine_info()
+    common.log(f"time_to_quality: marks {marks} min, {args.num} samples each; load average {info['load_average']}")
+    run_dir = Path(args.run_dir) if args.run_dir else Path(tempfile.mkdtemp(prefix="time_to_quality-"))
+    if checkpoints.latest_checkpoint(run_dir) is not None:
+        parser.error(f"{run_dir} already holds checkpoints; choose an empty --run-dir.")
+    try:
+        start = time.perf_counter()
+        folders = train_to_marks(marks, run_dir, config, args.seed, args.base_channels, limit)
+        train_load = [round(x, 2) for x in os.getloadavg()]
+        common.log(f"training done in {time.perf_counter() - start:.0f} s; evaluating ...")
+        rows, per_mark = [], {}
+        labels = torch.arange(args.num) % 10
+        for minutes, folder in zip(marks, folders):
+            checkpoint = checkpoints.load_checkpoint(folder)
+            images = cli.generate(checkpoint.model, checkpoint.schedule, args.num, labels, args.guidance,
+                                  "dpm", args.steps, seed=args.seed)
+            report = metrics.evaluate_samples(images, labels, seed=args.seed)
+            entry = {"minutes": minutes, "step": checkpoint.info["step"],
+                     "train_seconds": round(checkpoint.info["seconds"], 1),
+                     "images_seen": checkpoint.info["step"] * args.batch_size,
+                     "accuracy": round(report["accuracy"], 4), "frechet": round(report["frechet"], 3),
+                     "frechet_real_baseline": round(report["frechet_real_baseline"], 3)}
+            entry["frechet_over_baseline"] = round(entry["frechet"] / entry["frechet_real_baseline"], 2)
+            per_mark[mark_key(minutes)] = entry
+            rows.append(entry)
+            common.log(f"{minutes:g} min: accuracy {entry['accuracy']:.1%}, FD {entry['frechet']:.2f} "
+                       f"(real baseline {entry['frechet_real_baseline']:.2f})")
+    finally:
+        if not args.run_dir:
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+    print(common.format_table(rows, ["minutes", "step", "train_seconds", "images_seen", "accuracy", "frechet",
+                                     "frechet_real_baseline", "frechet_over_baseline"]))
+    print()
+    print(f"{args.num} samples per mark, guidance {args.guidance}, DPM-Solver++ {args.steps} steps; "
+          f"load average at the start {info['load_average']}, after training {train_load}")
+    results = {f"accuracy_at_{mark_key(m)}": per_mark[mark_key(m)]["accuracy"] for m in marks}
+    results |= {f"frechet_at_{mark_key(m)}": per_mark[mark_key(m)]["frechet"] for m in marks}
+    results["frechet_real_baseline"] = rows[0]["frechet_real_baseline"]
+    results |= {"marks": per_mark, "num_samples": args.num, "guidance": args.guidance, "sampler_steps": args.steps,
+                "train_config": asdict(config), "base_channels": args.base_channels, "quick": args.quick,
+                "machine": info, "load_average_after_training": train_load}
+    path = common.write_results("time_to_quality", results, args.out_dir)
+    common.log(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
