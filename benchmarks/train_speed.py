@@ -1,6 +1,6 @@
 """Training speed of the course's default MNIST model on this machine, in images per second.
 
-    python -m benchmarks.train_speed              (about 3 minutes on 2 cores)
+    python -m benchmarks.train_speed              (about 5 minutes on 2 cores)
     python -m benchmarks.train_speed --compile    (adds torch.compile: about 100 s more to compile)
     python -m benchmarks.train_speed --quick      (seconds; checks that it runs)
 
@@ -203,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
           f"peak ({peak_fp32 / 1e9:.0f} GFLOP/s); the bfloat16 matmul peak is {peak_bf16 / 1e9:.1f} GFLOP/s "
           f"(fraction {achieved / peak_bf16:.3g}: above 1 where this CPU has no native bfloat16 units and "
           f"float32 wins)")
+    if autocast is None:
+        print("training.train picks plain float32 here, so it runs the same operations as the baseline: "
+              "the difference between those two rows is run-to-run noise (rerun on a quiet machine)")
     print(f"autocast dtype picked by training.train: {autocast}; peak resident memory "
           f"{common.peak_memory_mib():.0f} MiB; load average {info['load_average']}")
 
@@ -217,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": args.batch_size,
         "parameters": count_parameters(UNet(MODEL_CONFIG)),
         "autocast_dtype": str(autocast),
+        "note": ("training.train runs the same float32 operations as the baseline here, so "
+                 "speedup_vs_fp32_eager differs from 1 by noise only") if autocast is None else None,
         "variants": {name: {"images_per_second": round(best[name], 1), "vs_baseline": round(best[name] / baseline, 3),
                             "rounds": [round(v, 1) for v in speeds[name]]} for name in best},
         "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "quick": args.quick,
