@@ -1,6 +1,6 @@
 """Time to quality: train from scratch with the default settings, evaluate the model at marks.
 
-    python -m benchmarks.time_to_quality             (10 minutes of training + about 8 of evaluation)
+    python -m benchmarks.time_to_quality             (10 minutes of training + about 10 of evaluation)
     python -m benchmarks.time_to_quality --minutes 1,2,5 --num 500
     python -m benchmarks.time_to_quality --quick      (seconds; checks that it runs)
 
