@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-ddpm", type=int, help="samples for DDPM-1000, the slow one (default 200; 20 with --quick)")
     parser.add_argument("--only", help="comma-separated samplers, e.g. ddim_20,dpm_20 (default: all)")
     parser.add_argument("--guidance", type=float, default=3.0)
-    parser.add_argument("--batch-size", type=int, default=250, help="samples per sampler call")
+    parser.add_argument("--batch-size", type=int, default=100, help="samples per sampler call")
     parser.add_argument("--checkpoint", default="mnist", help="'mnist' (shipped) or a checkpoint folder")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--sampler", choices=sorted(sampling.SAMPLERS), default="dpm")
     sample.add_argument("--steps", type=int, default=20, help="model calls (ignored by ddpm, which takes all)")
     sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--batch-size", type=int, default=250)
+    sample.add_argument("--batch-size", type=int, default=100,
+                        help="samples drawn together (100 was the fastest per sample on a 2-core CPU: benchmarks/sample_speed.py)")
     sample.add_argument("--device", default="cpu")
     sample.add_argument("--out", default="samples.npz")
     sample.set_defaults(run=run_sample)
@@ -135,7 +136,7 @@ def parse_labels(text: str, num: int, num_classes: int | None) -> torch.Tensor |
 
 
 def generate(model, schedule, num: int, labels: torch.Tensor | None, guidance: float = 3.0,
-             sampler: str = "dpm", steps: int | None = 20, seed: int = 0, batch_size: int = 250,
+             sampler: str = "dpm", steps: int | None = 20, seed: int = 0, batch_size: int = 100,
              negative: int | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
     """Sample `num` images in batches; returns (num, C, H, W) floats in [-1, 1]. The starting
     noise comes from `seed`, so DDIM and DPM-Solver (deterministic from there) give the same
