@@ -13,6 +13,7 @@ extra). Without them these tests FAIL; leave them out with `pytest -m "not brows
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
@@ -124,6 +125,21 @@ def run_notebook(page, lab, notebook: str, artifacts: Path) -> None:
     bh.save_full_page(page, artifacts / f"{Path(notebook).stem}-full.png")
 
 
+def steady_value(read, settle: float = 1.0, timeout: float = 30) -> float:
+    """The value `read()` returns once it has not changed for `settle` seconds. (While the kernel
+    answers earlier key presses, the widget can echo an intermediate value back to the page.)"""
+    state = {"value": read(), "since": time.monotonic()}
+
+    def steady() -> bool:
+        value = read()
+        if value != state["value"]:
+            state.update(value=value, since=time.monotonic())
+        return time.monotonic() - state["since"] >= settle
+
+    bh.wait_until(steady, timeout, interval=0.2, message="the slider to stop moving")
+    return state["value"]
+
+
 def explore_slider(page, description, name: str, artifacts: Path, step: float | None = 1,
                    label_text=None) -> None:
     """Move the slider three times (End, Home, 3 x ArrowRight); check readout and picture each time.
@@ -154,13 +170,14 @@ def explore_slider(page, description, name: str, artifacts: Path, step: float | 
     view.widget.screenshot(path=str(artifacts / f"{name}-0-before.png"))
     for number, (what, keys, expected) in enumerate(moves, start=1):
         view.press(*keys)
-        if expected is None:          # step unknown: wait for the handle to move, then trust it
+        if expected is None:          # step unknown: wait for the handle to move and stay put, then trust it
             bh.wait_until(lambda: view.handle_value() != value, 30, message="the handle to move")
-            expected = view.handle_value()
+            expected = steady_value(view.handle_value)
         new_src = view.wait_for_picture(expected, src)
         new_png, new_shot = view.image_png(), view.image.screenshot()
         view.widget.screenshot(path=str(artifacts / f"{name}-{number}-after-{what.replace(' ', '')}.png"))
-        assert view.handle_value() == expected, f"after {what} the handle is at {view.handle_value():g}, not {expected:g}"
+        assert math.isclose(view.handle_value(), expected, rel_tol=1e-6, abs_tol=1e-9), (
+            f"after {what} the handle is at {view.handle_value():g}, not {expected:g}")
         assert bh.differs(png, new_png), f"after {what} (move {number}) the widget's PNG did not change"
         assert bh.differs(shot, new_shot), f"after {what} (move {number}) the picture on screen did not change"
         if label_text is not None:
