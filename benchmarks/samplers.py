@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                  "frechet_real_baseline": round(report["frechet_real_baseline"], 3),
                  "load_average": [round(x, 2) for x in os.getloadavg()]}
         results[config_name(sampler, steps)] = entry
-        rows.append({"sampler": config_name(sampler, steps), **entry})
+        rows.append({**entry, "sampler": config_name(sampler, steps)})   # the name says the step count
         common.log(f"{config_name(sampler, steps)}: FD {entry['frechet']:.2f}, accuracy {entry['accuracy']:.1%}, "
                    f"{entry['seconds_per_100']:.1f} s per 100")
     print(common.format_table(rows, ["sampler", "num_samples", "frechet", "frechet_real_baseline",
@@ -111,8 +111,9 @@ def main(argv: list[str] | None = None) -> int:
           f"(torch threads {torch.get_num_threads()}); load average {info['load_average']}")
     if "ddpm_1000" in results and "dpm_20" in results:
         ratio = results["dpm_20"]["frechet"] / results["ddpm_1000"]["frechet"]
-        print(f"DPM-Solver++ 20 / DDPM-1000 Frechet distance: {ratio:.2f} (the sample counts differ: "
-              f"{results['dpm_20']['num_samples']} vs {results['ddpm_1000']['num_samples']})")
+        counts = (results["dpm_20"]["num_samples"], results["ddpm_1000"]["num_samples"])
+        caveat = "" if counts[0] == counts[1] else f" (not comparable: {counts[0]} vs {counts[1]} samples)"
+        print(f"DPM-Solver++ 20 / DDPM-1000 Frechet distance: {ratio:.2f}{caveat}")
     extra = {"guidance": args.guidance, "num": args.num, "num_ddpm": args.num_ddpm, "seed": args.seed,
              "checkpoint": str(checkpoint.path), f"seconds_100_digits_dpm_{steps_100}": round(seconds_100, 2),
              "machine": info, "quick": args.quick}

@@ -66,6 +66,7 @@ def test_samplers_quick(tmp_path, capsys, data_root):
     lines = table_lines(capsys.readouterr().out)
     assert lines[0].split()[:3] == ["sampler", "num_samples", "frechet"]
     assert len(lines) == 3
+    assert [line.split()[0] for line in lines[1:]] == ["ddim_10", "dpm_10"]   # each row names its step count
     record = read_results(tmp_path, "samplers")
     for name in ("ddim_10", "dpm_10"):
         entry = record[name]
