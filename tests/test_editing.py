@@ -8,22 +8,9 @@ import torch
 from diffusion_course import editing
 from diffusion_course.guidance import ClassifierFreeGuidance
 from diffusion_course.schedules import cosine_schedule, linear_schedule, q_sample
+from test_sampling import KnownX0Oracle   # the perfect denoiser: every sampler returns its x0
 
 SAMPLERS = [("ddpm", None), ("ddim", 8), ("dpm", 8)]
-
-
-class KnownX0Oracle:
-    """The perfect denoiser for a data set of one image per batch entry: every sampler returns x0.
-    Records the (x_t, t) it is called with."""
-
-    def __init__(self, x0, schedule):
-        self.x0, self.alpha_bar = x0, schedule.alpha_bar.double()
-        self.calls = []
-
-    def __call__(self, x_t, t, cond=None):
-        self.calls.append((x_t.clone(), t.clone()))
-        ab = self.alpha_bar[t].view(-1, 1, 1, 1).to(x_t.dtype)
-        return (x_t - ab.sqrt() * self.x0) / (1 - ab).sqrt()
 
 
 def images(batch=2, size=8, seed=1):
