@@ -300,7 +300,9 @@ class SliderView:
     def readout(self) -> str:
         return self.readout_box.inner_text().strip()
 
-    def handle_value(self, attribute: str = "aria-valuenow") -> float:
+    def handle_value(self, attribute: str = "aria-valuetext") -> float:
+        # noUiSlider writes aria-valuenow with one decimal (toFixed(1): 0.15 shows as 0.1) and
+        # aria-valuetext with two, so the handle's value is read from the latter.
         return float(self.handle.get_attribute(attribute))
 
     def image_src(self) -> str:

@@ -206,9 +206,15 @@ def test_reverse_step_slider_in_a_real_browser(page, lab, artifacts):
                        label_text=lambda value, high: f"step {value:g} / {high:g}")
 
 
-@pytest.mark.skipif(not (SOLUTIONS / LESSON_05).exists(), reason="lesson 05 not written yet")
 def test_guidance_slider_in_a_real_browser(page, lab, artifacts):
     """Lesson 05: the guidance-scale slider (its description contains "guidance")."""
     with screenshot_on_failure(page, artifacts / "05-FAILED.png"):
         run_notebook(page, lab, LESSON_05, artifacts)
         explore_slider(page, re.compile("guidance", re.IGNORECASE), "05_guidance", artifacts, step=None)
+
+
+def test_strength_slider_in_a_real_browser(page, lab, artifacts):
+    """Lesson 06: the image-to-image "strength" slider (0 to 1 in steps of 0.05) redraws the edits."""
+    with screenshot_on_failure(page, artifacts / "06-FAILED.png"):
+        run_notebook(page, lab, "06_editing.ipynb", artifacts)
+        explore_slider(page, "strength", "06_strength", artifacts, step=0.05)
