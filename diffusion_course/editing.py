@@ -146,10 +146,11 @@ def slerp(noise_a: Tensor, noise_b: Tensor, weight: float) -> Tensor:
     a, b = noise_a.flatten(1), noise_b.flatten(1)
     cos = (a * b).sum(1, keepdim=True) / (a.norm(dim=1, keepdim=True) * b.norm(dim=1, keepdim=True))
     theta = torch.arccos(cos.clamp(-1, 1))
-    if bool((theta.abs() < 1e-4).all()):       # (nearly) the same direction: a straight line is as good
-        return (1 - weight) * noise_a + weight * noise_b
-    mixed = (torch.sin((1 - weight) * theta) * a + torch.sin(weight * theta) * b) / torch.sin(theta)
-    return mixed.view_as(noise_a)
+    line = (1 - weight) * a + weight * b
+    parallel = theta.abs() < 1e-4              # (nearly) the same direction: a straight line is as good
+    safe_theta = torch.where(parallel, torch.ones_like(theta), theta)      # no division by sin(0)
+    arc = (torch.sin((1 - weight) * safe_theta) * a + torch.sin(weight * safe_theta) * b) / torch.sin(safe_theta)
+    return torch.where(parallel, line, arc).view_as(noise_a)
 
 
 def _check_strength(strength: float) -> None:

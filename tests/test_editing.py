@@ -231,6 +231,18 @@ def test_slerp_of_a_noise_with_itself_is_that_noise():
     torch.testing.assert_close(editing.slerp(a, a, 0.3), a)
 
 
+def test_slerp_mixes_parallel_and_independent_rows_in_one_batch():
+    """Each image chooses on its own: a row whose two noises are the same stays that noise (no
+    division by sin 0), while the other rows still follow the sphere."""
+    a, b = torch.randn(2, 3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    b[0] = a[0]
+    mixed = editing.slerp(a, b, 0.4)
+    assert torch.isfinite(mixed).all()
+    torch.testing.assert_close(mixed[0], a[0])
+    torch.testing.assert_close(mixed[1:], editing.slerp(a[1:], b[1:], 0.4))
+    assert not torch.allclose(mixed[1:], 0.6 * a[1:] + 0.4 * b[1:])     # an arc, not a straight line
+
+
 def test_img2img_start_t_start_formula():
     schedule = cosine_schedule(1000)
     for strength in (0.001, 0.25, 0.6, 0.999, 1.0):
