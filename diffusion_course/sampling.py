@@ -93,7 +93,7 @@ def ddim_step(x_t: Tensor, t: Tensor, t_prev: Tensor, eps_pred: Tensor, schedule
         t_prev: (B,) int64 in [-1, t): the step to jump to; -1 means "clean" (alpha_bar = 1).
     """
     check_timesteps(t, schedule, x_t.shape[0])
-    if t_prev.shape != t.shape or bool((t_prev >= t).any()) or int(t_prev.min()) < -1:
+    if t_prev.shape != t.shape or bool((t_prev >= t).any()) or (t_prev.numel() and int(t_prev.min()) < -1):
         raise ValueError("t_prev must have the same shape as t and satisfy -1 <= t_prev < t.")
     alpha_bar_t = gather(schedule.alpha_bar, t, x_t)
     alpha_bar_prev = _alpha_bar_or_one(schedule, t_prev, x_t)

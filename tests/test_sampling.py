@@ -222,6 +222,12 @@ def test_ddim_step_rejects_bad_t_prev(t_prev):
         ddim_step(x, torch.tensor([5, 5]), t_prev, x, linear_schedule())
 
 
+def test_ddim_step_on_an_empty_batch_returns_an_empty_batch():
+    empty = torch.zeros(0, 1, 2, 2)
+    none = torch.zeros(0, dtype=torch.long)
+    assert ddim_step(empty, none, none, empty, linear_schedule()).shape == (0, 1, 2, 2)
+
+
 # --- determinism and randomness ----------------------------------------------------------------
 
 def test_ddim_eta_zero_is_deterministic(tiny_unet):
