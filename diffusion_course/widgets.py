@@ -355,6 +355,19 @@ def reverse_process_explorer(model, schedule: NoiseSchedule, labels: Sequence[in
 
 # --- Lesson 05: the guidance scale ----------------------------------------------------------
 
+def _start(explorer, controls: Sequence, fallback_figure: Figure, fallback: bool) -> None:
+    """The last steps of an explorer's __init__: redraw when any control changes, draw the first
+    setting, and show the static fallback figure (or close it)."""
+    for control in controls:
+        control.observe(lambda change: explorer.update(), names="value")
+    explorer.fallback_figure = fallback_figure
+    explorer.update()
+    if fallback:
+        show_fallback(fallback_figure)
+    else:
+        plt.close(fallback_figure)
+
+
 def _sample_grid(model, schedule: NoiseSchedule, labels: Tensor | None, guidance_scale: float, num_steps: int,
                  seed: int, num_images: int, sampler: str = "dpm") -> Tensor:
     """num_images samples (on the CPU, in [-1, 1]) from the starting noise of `seed`."""
@@ -416,16 +429,9 @@ class GuidanceExplorer(ipywidgets.VBox):
         blank = torch.zeros(num_images, model.config.in_channels, model.config.image_size, model.config.image_size)
         self._grid = ax.imshow(viz.image_grid(blank, nrow=num_images), cmap="gray", vmin=0, vmax=1)
         self._title = self._figure.suptitle("", fontsize=10, y=0.97)
-        for control in (self.slider, self.digit, self.steps, self.seed):
-            control.observe(lambda change: self.update(), names="value")
         super().__init__([self.slider, self.digit, ipywidgets.HBox([self.steps, self.seed]), self.image,
                           self.status])
-        self.fallback_figure = self._draw_fallback(fallback_scales)
-        self.update()
-        if fallback:
-            show_fallback(self.fallback_figure)
-        else:
-            plt.close(self.fallback_figure)
+        _start(self, (self.slider, self.digit, self.steps, self.seed), self._draw_fallback(fallback_scales), fallback)
 
     def setting(self) -> tuple:
         """(digit, guidance scale, steps, seed) as now chosen."""
@@ -534,15 +540,8 @@ class StrengthExplorer(ipywidgets.VBox):
             ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
             self._rows.append(ax.imshow(viz.image_grid(self.originals, nrow=n), cmap="gray", vmin=0, vmax=1))
         self._title = self._figure.suptitle("", fontsize=10, y=0.98)
-        for control in (self.slider, self.target, self.seed):
-            control.observe(lambda change: self.update(), names="value")
         super().__init__([self.slider, ipywidgets.HBox([self.target, self.seed]), self.image, self.status])
-        self.fallback_figure = self._draw_fallback(fallback_strengths)
-        self.update()
-        if fallback:
-            show_fallback(self.fallback_figure)
-        else:
-            plt.close(self.fallback_figure)
+        _start(self, (self.slider, self.target, self.seed), self._draw_fallback(fallback_strengths), fallback)
 
     def setting(self) -> tuple:
         """(strength, target, seed) as now chosen."""
