@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--schedule", choices=sorted(schedules.SCHEDULES), default="cosine")
     train.add_argument("--batch-size", type=int, default=training.TrainConfig.batch_size)
     train.add_argument("--lr", type=float, default=training.TrainConfig.lr)
+    train.add_argument("--warmup-steps", type=int, default=training.TrainConfig.warmup_steps)
+    train.add_argument("--min-snr-gamma", type=float, default=training.TrainConfig.min_snr_gamma,
+                       help="weight the loss by min(SNR, gamma) / SNR (default %(default)s; 0 turns it off)")
     train.add_argument("--checkpoint-every", type=int, default=500)
     train.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default="auto")
     train.add_argument("--seed", type=int, default=0)
@@ -108,7 +111,9 @@ def run_train(args) -> int:
     model = UNet(config).to(args.device)
     schedule = schedules.SCHEDULES[args.schedule]()
     train_config = training.TrainConfig(steps=args.steps, minutes=args.minutes, batch_size=args.batch_size,
-                                        lr=args.lr, checkpoint_every=args.checkpoint_every,
+                                        lr=args.lr, warmup_steps=args.warmup_steps,
+                                        min_snr_gamma=args.min_snr_gamma or None,
+                                        checkpoint_every=args.checkpoint_every,
                                         precision=args.precision, seed=args.seed)
     labels = None if num_classes is None else dataset.labels.to(args.device)
     result = training.train(model, dataset.images.to(args.device), schedule, train_config, labels,

@@ -3,6 +3,9 @@
 The objective is DDPM's simplified loss (Ho et al. 2020, Eq. 14):
 
     L = E_{x0, t, eps} || eps - model(sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps, t) ||^2
+
+`train` weights each image's error by min(SNR_t, 5) / SNR_t by default (Min-SNR, Hang et al. 2023):
+in 5-minute CPU runs this raised class accuracy from 86% to 93% (README, "Training recipes").
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import checkpoints
-from .schedules import NoiseSchedule, q_sample
+from .schedules import NoiseSchedule, q_sample, snr
 
 
 @dataclass(frozen=True)
@@ -28,8 +31,9 @@ class TrainConfig:
     steps: int | None = None        # stop after this many optimizer steps in total (None: no step limit)
     minutes: float | None = 5.0     # stop after this much training wall time in total (None: no time limit)
     batch_size: int = 128           # images per step
-    lr: float = 2e-3                # AdamW learning rate after warm-up
-    warmup_steps: int = 200         # the learning rate ramps up linearly over these first steps
+    lr: float = 4e-3                # AdamW learning rate after warm-up
+    warmup_steps: int = 100         # the learning rate ramps up linearly over these first steps
+    min_snr_gamma: float | None = 5.0   # weight each image's loss by min(SNR, gamma) / SNR (Hang et al. 2023); None: off
     weight_decay: float = 0.0       # AdamW weight decay
     grad_clip: float = 1.0          # clip the gradient norm to this value
     ema_decay: float = 0.999        # EMA of the weights: ema = decay * ema + (1 - decay) * weights
@@ -47,6 +51,9 @@ class TrainConfig:
             raise ValueError(f"precision must be 'auto', 'float32' or 'bfloat16', got {self.precision!r}.")
         if self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints must be at least 1, got {self.keep_checkpoints}.")
+        if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
+            raise ValueError(f"min_snr_gamma must be a positive number (5 is usual), or None to turn the weighting "
+                             f"off (--min-snr-gamma 0 on the command line), got {self.min_snr_gamma}.")
         if not 0.0 <= self.label_dropout <= 1.0:
             raise ValueError(f"label_dropout must be a probability in [0, 1], got {self.label_dropout}.")
 
@@ -60,15 +67,19 @@ class TrainResult(NamedTuple):
 
 
 def diffusion_loss(model: nn.Module, x0: Tensor, schedule: NoiseSchedule, cond: Tensor | None = None,
-                   t: Tensor | None = None, noise: Tensor | None = None) -> Tensor:
+                   t: Tensor | None = None, noise: Tensor | None = None,
+                   min_snr_gamma: float | None = None) -> Tensor:
     """MSE between the true noise and the model's prediction (DDPM, Eq. 14 / Algorithm 1).
 
     Args:
         x0: (B, C, H, W) clean images in [-1, 1].
         t: (B,) int64 timesteps; uniform in [0, T) when None.
         noise: (B, C, H, W) standard normal; randn_like when None.
+        min_snr_gamma: when given, weight each image's error by min(SNR_t, gamma) / SNR_t
+            ("Min-SNR", Hang et al. 2023): nearly clean images, whose noise is hard to see and
+            matters little for sampling, count less.
     Returns:
-        Scalar tensor: the mean squared error over all pixels and images.
+        Scalar tensor: the (weighted) mean squared error over all pixels and images.
     """
     if t is None:
         t = torch.randint(0, schedule.num_steps, (x0.shape[0],), device=x0.device)
@@ -76,7 +87,11 @@ def diffusion_loss(model: nn.Module, x0: Tensor, schedule: NoiseSchedule, cond: 
         noise = torch.randn_like(x0)
     x_t = q_sample(x0, t, schedule, noise)
     eps_pred = model(x_t, t, cond)
-    return F.mse_loss(eps_pred.float(), noise.float())
+    if min_snr_gamma is None:
+        return F.mse_loss(eps_pred.float(), noise.float())
+    per_image = (eps_pred.float() - noise.float()).pow(2).flatten(1).mean(1)
+    weight = (min_snr_gamma / snr(schedule).to(x0.device)[t]).clamp(max=1.0)    # = min(SNR, gamma) / SNR
+    return (per_image * weight).mean()
 
 
 def drop_labels(cond: Tensor, null_class: int, p: float, generator: torch.Generator | None = None) -> Tensor:
@@ -138,12 +153,13 @@ def pick_autocast_dtype(device: torch.device, precision: str = "auto") -> torch.
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x0: Tensor, schedule: NoiseSchedule,
                cond: Tensor | None = None, grad_clip: float = 1.0,
-               autocast_dtype: torch.dtype | None = None, generator: torch.Generator | None = None) -> float:
+               autocast_dtype: torch.dtype | None = None, generator: torch.Generator | None = None,
+               min_snr_gamma: float | None = None) -> float:
     """One optimizer step on one batch (DDPM, Algorithm 1). Returns the loss as a float."""
     t = torch.randint(0, schedule.num_steps, (x0.shape[0],), device=x0.device, generator=generator)
     noise = torch.randn(x0.shape, device=x0.device, generator=generator)
     with torch.autocast(x0.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-        loss = diffusion_loss(model, x0, schedule, cond, t, noise)
+        loss = diffusion_loss(model, x0, schedule, cond, t, noise, min_snr_gamma)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip:
@@ -193,7 +209,7 @@ def train(model: nn.Module, images: Tensor, schedule: NoiseSchedule, config: Tra
         for group in optimizer.param_groups:     # linear warm-up
             group["lr"] = config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
         loss = train_step(model, optimizer, images[index], schedule, cond, config.grad_clip,
-                          autocast_dtype, generator)
+                          autocast_dtype, generator, config.min_snr_gamma)
         ema.update(model)
         step += 1
         losses.append(loss)

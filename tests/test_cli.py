@@ -50,6 +50,16 @@ def test_train_writes_a_checkpoint(run_dir, capsys):
     config = loaded.model.config
     assert (config.in_channels, config.image_size, config.base_channels, config.num_classes) == (1, 28, 8, 10)
     assert loaded.schedule.name == "cosine" and loaded.schedule.num_steps == 1000
+    recipe = loaded.info["train_config"]
+    assert (recipe["min_snr_gamma"], recipe["lr"], recipe["warmup_steps"]) == (5.0, 4e-3, 100)   # the defaults
+
+
+def test_train_recipe_flags_reach_the_checkpoint(data_root, tmp_path, capsys):
+    out = tmp_path / "plain"
+    assert cli.main(["train", "--dataset", "mnist", "--out", str(out), "--steps", "1", "--base-channels", "8",
+                     "--batch-size", "8", "--min-snr-gamma", "0", "--lr", "2e-3", "--warmup-steps", "200"]) == 0
+    recipe = checkpoints.load_checkpoint(out).info["train_config"]
+    assert (recipe["min_snr_gamma"], recipe["lr"], recipe["warmup_steps"]) == (None, 2e-3, 200)   # 0 turns it off
 
 
 def test_train_into_an_existing_run_without_resume_fails(run_dir, capsys):

@@ -56,6 +56,27 @@ def test_diffusion_loss_is_the_mse_of_the_noise(tiny_cond_unet):
                                noise.square().mean())
 
 
+def test_min_snr_weighting_by_hand(tiny_cond_unet):
+    schedule = cosine_schedule()
+    generator = torch.Generator().manual_seed(1)
+    x0 = torch.rand(4, 1, 8, 8, generator=generator) * 2 - 1
+    noise = torch.randn(4, 1, 8, 8, generator=generator)
+    t = torch.tensor([0, 100, 500, 999])
+    cond = torch.tensor([1, 2, 3, 10])
+    ab = schedule.alpha_bar[t].view(-1, 1, 1, 1)
+    with torch.no_grad():
+        per_image = ((tiny_cond_unet(ab.sqrt() * x0 + (1 - ab).sqrt() * noise, t, cond) - noise) ** 2).mean((1, 2, 3))
+    snr = schedule.alpha_bar[t] / (1 - schedule.alpha_bar[t])
+    assert snr[0] > 5 > snr[3]                       # the batch has clean and noisy images
+    weights = torch.minimum(snr, torch.tensor(5.0)) / snr
+    loss = diffusion_loss(tiny_cond_unet, x0, schedule, cond, t, noise, min_snr_gamma=5.0)
+    torch.testing.assert_close(loss.detach(), (weights * per_image).mean(), rtol=1e-5, atol=1e-7)
+    assert weights[3] == 1 and weights[0] < 1e-3     # noisy images keep weight 1; clean ones count little
+    # a gamma above every SNR changes nothing: the plain loss
+    torch.testing.assert_close(diffusion_loss(tiny_cond_unet, x0, schedule, cond, t, noise, min_snr_gamma=1e9),
+                               diffusion_loss(tiny_cond_unet, x0, schedule, cond, t, noise))
+
+
 def test_train_step_updates_the_weights_and_returns_a_float(tiny_unet):
     model = tiny_unet.train()
     before = copy.deepcopy(model.state_dict())
@@ -244,6 +265,8 @@ def test_train_config_checks():
         TrainConfig(precision="float16")
     with pytest.raises(ValueError, match="label_dropout"):
         TrainConfig(label_dropout=1.5)
+    with pytest.raises(ValueError, match="min_snr_gamma must be a positive number"):
+        TrainConfig(min_snr_gamma=0)
 
 
 # --- precision ---------------------------------------------------------------------------------------
