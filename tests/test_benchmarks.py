@@ -12,7 +12,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from benchmarks import common, notebooks, sample_speed, samplers, time_to_quality, train_speed
+from benchmarks import common, notebooks, recipes, sample_speed, samplers, time_to_quality, train_speed
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -97,6 +97,30 @@ def test_time_to_quality_quick(tmp_path, capsys, data_root):
 def test_time_to_quality_rejects_bad_marks(text):
     with pytest.raises(ValueError, match="--minutes"):
         time_to_quality.parse_marks(text)
+
+
+def test_recipes_quick(tmp_path, capsys, data_root):
+    assert recipes.main(["--quick", "--out-dir", str(tmp_path), "--recipe", "plain:min_snr_gamma=none",
+                         "--recipe", "default:"]) == 0
+    lines = table_lines(capsys.readouterr().out)
+    assert lines[0].split()[:3] == ["recipe", "settings", "steps"] and len(lines) == 3
+    record = read_results(tmp_path, "recipes")
+    plain, default = record["recipes"]["plain"], record["recipes"]["default"]
+    assert plain["train_config"]["min_snr_gamma"] is None and default["train_config"]["min_snr_gamma"] == 5.0
+    assert plain["steps"] == default["steps"] == 3 and plain["train_config"]["batch_size"] == 16
+    assert 0 <= default["accuracy"] <= 1 and default["frechet"] > 0
+
+
+@pytest.mark.parametrize("text, message", [("nocolon", "NAME:KEY=VALUE"), ("x:learning_rate=1", "unknown setting"),
+                                           ("x:lr=fast", "lr must be a number")])
+def test_recipes_rejects_bad_recipes(text, message):
+    with pytest.raises(ValueError, match=message):
+        recipes.parse_recipe(text)
+
+
+def test_recipes_parses_numbers_and_none():
+    assert recipes.parse_recipe("a:lr=4e-3,warmup_steps=100,min_snr_gamma=none,base_channels=12") == \
+        ("a", {"lr": 0.004, "warmup_steps": 100, "min_snr_gamma": None, "base_channels": 12})
 
 
 def fake_lesson(folder: Path, name: str, source: str) -> None:
