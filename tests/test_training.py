@@ -34,21 +34,28 @@ def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 # --- the loss and one step ------------------------------------------------------------------------
 
-def test_diffusion_loss_is_the_mse_of_the_noise(tiny_cond_unet):
-    schedule = cosine_schedule()
-    generator = torch.Generator().manual_seed(0)
+def batch_and_errors_by_hand(model, schedule, t: torch.Tensor, seed: int):
+    """A batch of 4 (x0, noise, labels incl. the null class) and each image's squared error of the
+    noise prediction, with x_t made by hand from the closed form (no q_sample)."""
+    generator = torch.Generator().manual_seed(seed)
     x0 = torch.rand(4, 1, 8, 8, generator=generator) * 2 - 1
     noise = torch.randn(4, 1, 8, 8, generator=generator)
-    t = torch.tensor([0, 250, 500, 999])
     cond = torch.tensor([1, 2, 3, 10])
-    loss = diffusion_loss(tiny_cond_unet, x0, schedule, cond, t, noise)
     ab = schedule.alpha_bar[t].view(-1, 1, 1, 1)
     x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
     with torch.no_grad():
-        expected = ((tiny_cond_unet(x_t, t, cond) - noise) ** 2).mean()
+        per_image = ((model(x_t, t, cond) - noise) ** 2).mean((1, 2, 3))
+    return x0, noise, cond, per_image
+
+
+def test_diffusion_loss_is_the_mse_of_the_noise(tiny_cond_unet):
+    schedule = cosine_schedule()
+    t = torch.tensor([0, 250, 500, 999])
+    x0, noise, cond, per_image = batch_and_errors_by_hand(tiny_cond_unet, schedule, t, seed=0)
+    loss = diffusion_loss(tiny_cond_unet, x0, schedule, cond, t, noise)
     assert loss.shape == ()
     assert loss.requires_grad
-    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(loss.detach(), per_image.mean(), rtol=1e-5, atol=1e-7)
     # zero-initialised output layer: the prediction is 0, so the loss is the mean of noise^2
     torch.manual_seed(0)
     zero_model = type(tiny_cond_unet)(tiny_cond_unet.config)
@@ -58,14 +65,8 @@ def test_diffusion_loss_is_the_mse_of_the_noise(tiny_cond_unet):
 
 def test_min_snr_weighting_by_hand(tiny_cond_unet):
     schedule = cosine_schedule()
-    generator = torch.Generator().manual_seed(1)
-    x0 = torch.rand(4, 1, 8, 8, generator=generator) * 2 - 1
-    noise = torch.randn(4, 1, 8, 8, generator=generator)
     t = torch.tensor([0, 100, 500, 999])
-    cond = torch.tensor([1, 2, 3, 10])
-    ab = schedule.alpha_bar[t].view(-1, 1, 1, 1)
-    with torch.no_grad():
-        per_image = ((tiny_cond_unet(ab.sqrt() * x0 + (1 - ab).sqrt() * noise, t, cond) - noise) ** 2).mean((1, 2, 3))
+    x0, noise, cond, per_image = batch_and_errors_by_hand(tiny_cond_unet, schedule, t, seed=1)
     snr = schedule.alpha_bar[t] / (1 - schedule.alpha_bar[t])
     assert snr[0] > 5 > snr[3]                       # the batch has clean and noisy images
     weights = torch.minimum(snr, torch.tensor(5.0)) / snr
