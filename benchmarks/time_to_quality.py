@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     recipe.add_argument("--lr", type=float, default=training.TrainConfig.lr)
     recipe.add_argument("--warmup-steps", type=int, default=training.TrainConfig.warmup_steps)
     recipe.add_argument("--ema-decay", type=float, default=training.TrainConfig.ema_decay)
-    recipe.add_argument("--min-snr-gamma", type=float, default=training.TrainConfig.min_snr_gamma,
+    recipe.add_argument("--min-snr-gamma", type=cli.gamma_or_off, default=training.TrainConfig.min_snr_gamma,
                         help="0 turns the Min-SNR loss weighting off")
     recipe.add_argument("--base-channels", type=int, default=UNetConfig.base_channels)
     args = parser.parse_args(argv)
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 
     config = training.TrainConfig(minutes=marks[-1], batch_size=args.batch_size, lr=args.lr,
                                   warmup_steps=args.warmup_steps, ema_decay=args.ema_decay,
-                                  min_snr_gamma=args.min_snr_gamma or None,
+                                  min_snr_gamma=args.min_snr_gamma,
                                   keep_checkpoints=len(marks) + 1, seed=args.seed, progress=not args.quick)
     info = common.machine_info()
     common.log(f"time_to_quality: marks {marks} min, {args.num} samples each; load average {info['load_average']}")

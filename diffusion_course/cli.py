@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int, default=training.TrainConfig.batch_size)
     train.add_argument("--lr", type=float, default=training.TrainConfig.lr)
     train.add_argument("--warmup-steps", type=int, default=training.TrainConfig.warmup_steps)
-    train.add_argument("--min-snr-gamma", type=float, default=training.TrainConfig.min_snr_gamma,
+    train.add_argument("--min-snr-gamma", type=gamma_or_off, default=training.TrainConfig.min_snr_gamma,
                        help="weight the loss by min(SNR, gamma) / SNR (default %(default)s; 0 turns it off)")
     train.add_argument("--checkpoint-every", type=int, default=500)
     train.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default="auto")
@@ -97,6 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def gamma_or_off(text: str) -> float | None:
+    """--min-snr-gamma's value: a number, with 0 meaning "no Min-SNR weighting" (None)."""
+    try:
+        return float(text) or None
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number such as 5 (0 turns the weighting off), got {text!r}") from None
+
+
 def run_train(args) -> int:
     if args.minutes is None and args.steps is None:
         raise ValueError("Give a budget: --minutes M, --steps N, or both.")
@@ -112,7 +120,7 @@ def run_train(args) -> int:
     schedule = schedules.SCHEDULES[args.schedule]()
     train_config = training.TrainConfig(steps=args.steps, minutes=args.minutes, batch_size=args.batch_size,
                                         lr=args.lr, warmup_steps=args.warmup_steps,
-                                        min_snr_gamma=args.min_snr_gamma or None,
+                                        min_snr_gamma=args.min_snr_gamma,
                                         checkpoint_every=args.checkpoint_every,
                                         precision=args.precision, seed=args.seed)
     labels = None if num_classes is None else dataset.labels.to(args.device)

@@ -62,6 +62,14 @@ def test_train_recipe_flags_reach_the_checkpoint(data_root, tmp_path, capsys):
     assert (recipe["min_snr_gamma"], recipe["lr"], recipe["warmup_steps"]) == (None, 2e-3, 200)   # 0 turns it off
 
 
+def test_train_rejects_a_gamma_that_is_not_a_number(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--out", str(tmp_path / "run"), "--steps", "1", "--min-snr-gamma", "five"])
+    assert exit_info.value.code == 2
+    assert "must be a number such as 5 (0 turns the weighting off), got 'five'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_train_into_an_existing_run_without_resume_fails(run_dir, capsys):
     code = cli.main(["train", "--dataset", "mnist", "--out", str(run_dir), "--steps", "4", "--base-channels", "8"])
     assert code == 2
