@@ -62,10 +62,11 @@ def run_recipe(overrides: dict, steps: int, num: int, seed: int, dataset) -> dic
     torch.manual_seed(seed)
     model = UNet(UNetConfig(base_channels=base_channels, num_classes=10))
     start = time.perf_counter()
-    result = training.train(model, dataset.images, schedules.cosine_schedule(), config, dataset.labels)
+    schedule = schedules.cosine_schedule()
+    result = training.train(model, dataset.images, schedule, config, dataset.labels)
     seconds = time.perf_counter() - start
     labels = torch.arange(num) % 10
-    images = cli.generate(result.ema_model, schedules.cosine_schedule(), num, labels, 3.0, "dpm", 20, seed=seed)
+    images = cli.generate(result.ema_model, schedule, num, labels, 3.0, "dpm", 20, seed=seed)
     report = metrics.evaluate_samples(images, labels, seed=seed)
     return {"steps": steps, "train_seconds": round(seconds, 1),
             "images_per_second": round(steps * config.batch_size / seconds, 1),
