@@ -1,7 +1,12 @@
-"""Classifier-free guidance (Ho and Salimans 2022) as a wrapper around a model.
+"""Lesson 05: conditioning and classifier-free guidance (Ho and Salimans 2022).
+Exercises: drop_labels, guided_eps.
 
-The wrapper has the same contract as the model it wraps, `guided(x_t, t, cond) -> eps`, so
-every sampler works with it unchanged:
+Training: label dropout replaces each row's condition by the model's "no condition"
+(`model.null_cond(B)`) with probability p, so one network learns both the conditional and the
+unconditional prediction.
+
+Sampling: a wrapper with the same contract as the model it wraps, `guided(x_t, t, cond) -> eps`,
+so every sampler works with it unchanged:
 
     eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
@@ -10,13 +15,33 @@ pushes samples harder towards the class (the diffusers convention). Ho and Salim
 eps = (1 + w') eps_cond - w' eps_uncond, so their w' equals our w - 1.
 
 A negative condition replaces the unconditional branch: eps_uncond becomes the prediction
-for the negative label, so the sample is pushed away from it ("any digit but 1").
+for the negative condition, so the sample is pushed away from it ("any digit but 1").
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
+
+
+def drop_cond(cond: Tensor, null_cond: Tensor, p: float, generator: torch.Generator | None = None) -> Tensor:
+    """Replace each row of `cond` by the same row of `null_cond` with probability p.
+
+    Works for any condition with the batch first: (B,) labels or (B, L, D) text embeddings.
+    """
+    if not (isinstance(p, (int, float)) and 0.0 <= p <= 1.0):
+        raise ValueError(f"p must be a probability in [0, 1], got {p!r}.")
+    if null_cond.shape != cond.shape:
+        raise ValueError(f"null_cond must have the shape of cond {tuple(cond.shape)}, got {tuple(null_cond.shape)}.")
+    drop = torch.rand(cond.shape[0], generator=generator, device=cond.device) < p
+    return torch.where(drop.view(-1, *([1] * (cond.ndim - 1))), null_cond, cond)
+
+
+def drop_labels(cond: Tensor, null_class: int, p: float, generator: torch.Generator | None = None) -> Tensor:
+    """Replace each label by the null class with probability p (label dropout, Ho and Salimans 2022)."""
+    return drop_cond(cond, torch.full_like(cond, null_class), p, generator)
 
 
 def guided_eps(eps_cond: Tensor, eps_uncond: Tensor, guidance_scale: float) -> Tensor:
@@ -24,36 +49,62 @@ def guided_eps(eps_cond: Tensor, eps_uncond: Tensor, guidance_scale: float) -> T
     return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
 
+def has_null_cond(model) -> bool:
+    """True for a conditional model that knows its "no condition" (model.null_cond(B) is not None)."""
+    null_cond = getattr(model, "null_cond", None)
+    return callable(null_cond) and null_cond(1) is not None
+
+
+def guided(model, guidance_scale: float = 1.0, negative: int | Tensor | None = None):
+    """`model` wrapped in classifier-free guidance, or `model` itself when it has no null condition
+    (an unconditional model) or when there is nothing to do (w = 1 and no negative)."""
+    if not has_null_cond(model):
+        if negative is not None:
+            raise ValueError("A negative condition needs a conditional model; this one is unconditional.")
+        return model
+    if guidance_scale == 1.0 and negative is None:
+        return model
+    return ClassifierFreeGuidance(model, guidance_scale, negative)
+
+
 class ClassifierFreeGuidance(nn.Module):
-    """Wrap a class-conditional model (one with a null class) so that it applies guidance.
+    """Wrap a conditional model (one with a null condition) so that it applies guidance.
 
     Args:
-        model: `model(x_t, t, cond) -> eps`, conditional with `model.null_class` set.
-        guidance_scale: w above; 1 means no guidance.
-        negative: optional label (int) or (B,) int64 labels to steer away from; it takes the
-            place of the null label in the unconditional branch.
+        model: `model(x_t, t, cond) -> eps` with `model.null_cond(B)`.
+        guidance_scale: w above; 1 means no guidance. A finite number.
+        negative: optional condition to steer away from: a label (int) or a (B,) tensor of them;
+            it takes the place of the null condition in the unconditional branch.
     """
 
     def __init__(self, model: nn.Module, guidance_scale: float = 3.0, negative: int | Tensor | None = None):
         super().__init__()
-        null_class = getattr(model, "null_class", None)
-        if null_class is None:
-            raise ValueError("Classifier-free guidance needs a class-conditional model with a null class "
+        if not has_null_cond(model):
+            raise ValueError("Classifier-free guidance needs a conditional model with a null condition "
                              "(UNetConfig(num_classes=...)); this model is unconditional.")
-        if isinstance(negative, int) and not 0 <= negative < null_class:
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
+                or not math.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale must be a finite number (1: no guidance, 3 is usual), got {guidance_scale!r}.")
+        null_class = getattr(model, "null_class", None)
+        if isinstance(negative, bool) or (negative is not None and not isinstance(negative, (int, Tensor))):
+            raise ValueError(f"negative must be a class label (int) or a tensor of labels, got {negative!r}.")
+        if isinstance(negative, int) and null_class is not None and not 0 <= negative < null_class:
             raise ValueError(f"negative must be a class label in [0, {null_class}), got {negative}.")
         self.model = model
         self.guidance_scale = float(guidance_scale)
         self.negative = negative
 
     @property
-    def null_class(self) -> int:
-        return self.model.null_class
+    def null_class(self) -> int | None:
+        return getattr(self.model, "null_class", None)
+
+    def null_cond(self, batch_size: int, device=None) -> Tensor | None:
+        return self.model.null_cond(batch_size, device)
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
         if cond is None:
-            cond = torch.full_like(t, self.null_class)
-        uncond = self._uncond_labels(t)
+            cond = self.model.null_cond(x_t.shape[0], x_t.device)
+        uncond = self._uncond(x_t)
         if torch.equal(cond, uncond):
             return self.model(x_t, t, cond)       # both branches alike (e.g. no label): one call is enough
         if self.guidance_scale == 1.0:
@@ -65,15 +116,17 @@ class ClassifierFreeGuidance(nn.Module):
         eps_cond, eps_uncond = eps.chunk(2)
         return guided_eps(eps_cond, eps_uncond, self.guidance_scale)
 
-    def _uncond_labels(self, t: Tensor) -> Tensor:
+    def _uncond(self, x_t: Tensor) -> Tensor:
+        null = self.model.null_cond(x_t.shape[0], x_t.device)
         if self.negative is None:
-            return torch.full_like(t, self.null_class)
-        if isinstance(self.negative, Tensor):
-            if self.negative.shape != t.shape:
-                raise ValueError(f"negative labels must have shape {tuple(t.shape)}, "
-                                 f"got {tuple(self.negative.shape)}.")
-            negative = self.negative.to(t.device, torch.long)
-            if negative.numel() and (int(negative.min()) < 0 or int(negative.max()) >= self.null_class):
-                raise ValueError(f"negative labels must lie in [0, {self.null_class}).")
-            return negative
-        return torch.full_like(t, int(self.negative))
+            return null
+        if isinstance(self.negative, int):
+            return torch.full_like(null, self.negative)
+        if self.negative.shape != null.shape:
+            raise ValueError(f"negative labels must have shape {tuple(null.shape)}, "
+                             f"got {tuple(self.negative.shape)}.")
+        negative = self.negative.to(null.device, null.dtype)
+        if self.null_class is not None and negative.numel() and \
+                (int(negative.min()) < 0 or int(negative.max()) >= self.null_class):
+            raise ValueError(f"negative labels must lie in [0, {self.null_class}).")
+        return negative

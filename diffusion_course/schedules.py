@@ -1,13 +1,19 @@
-"""Noise schedules and the forward (noising) process of DDPM.
+"""Lesson 01: noise schedules and the forward (noising) process of DDPM.
+Exercises: q_sample, cosine alpha_bar.
 
 Names used here, the symbol in the papers, and the name in Hugging Face diffusers:
 
-    ours          paper                       diffusers
-    ----------    -------------------------   ----------------
-    beta          beta_t                      betas
-    alpha         alpha_t = 1 - beta_t        alphas
-    alpha_bar     bar{alpha}_t = prod alpha   alphas_cumprod
-    num_steps     T                           num_train_timesteps
+    ours                     paper                                diffusers
+    ----------------------   ----------------------------------   -------------------
+    beta                     beta_t                               betas
+    alpha                    alpha_t = 1 - beta_t                 alphas
+    alpha_bar                bar{alpha}_t = prod alpha            alphas_cumprod
+    num_steps                T (training steps)                   num_train_timesteps
+    sampling_steps           model calls when sampling            num_inference_steps
+    signal_scale (sampling)  DPM-Solver/k-diffusion alpha_t       sqrt(alphas_cumprod)
+                             = sqrt(alpha_bar_t)
+    noise_scale (sampling)   DPM-Solver sigma_t                   sqrt(1 - alphas_cumprod)
+                             = sqrt(1 - alpha_bar_t)
 
 Timesteps `t` are zero-based: an int64 tensor of shape (B,) with values in [0, T).
 Step t = 0 is the first (least noisy) step, t = T - 1 the last (almost pure noise).
@@ -112,6 +118,12 @@ def gather(values: Tensor, t: Tensor, x: Tensor) -> Tensor:
     """values[t] reshaped to (B, 1, 1, 1) so it broadcasts against images x of shape (B, C, H, W)."""
     out = values.to(x.device)[t]
     return out.view(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+
+
+def alpha_bar_prev(schedule: NoiseSchedule, t_prev: Tensor, x: Tensor) -> Tensor:
+    """alpha_bar at the step jumped to, per image: 1 where t_prev = -1 ("clean"), shaped like gather."""
+    padded = torch.cat([torch.ones(1, dtype=schedule.alpha_bar.dtype), schedule.alpha_bar])   # index 0 is t = -1
+    return gather(padded, t_prev + 1, x)
 
 
 def q_sample(x0: Tensor, t: Tensor, schedule: NoiseSchedule,

@@ -1,11 +1,16 @@
-"""A small, readable U-Net that predicts the noise in a noisy image.
+"""Lesson 02: a small, readable U-Net that predicts the noise in a noisy image.
+Exercises: timestep_embedding, ResBlock.forward.
 
 Contract, shared by every model in the course:
 
-    model(x_t, t, cond=None) -> eps_pred      (same shape as x_t)
+    model(x_t, t, cond=None) -> prediction      (same shape as x_t)
+    model.null_cond(batch_size) -> the "no condition" value for a batch (None: unconditional)
 
-x_t is (B, C, H, W), t is (B,) int64 in [0, T), cond is (B,) int64 class labels or None.
-The network knows nothing about betas: it only sees the step number t.
+x_t is (B, C, H, W); t is (B,): int64 steps in [0, T) for the discrete schedules of lessons
+01-06, or floats (a continuous time, e.g. flow matching's t in [0, 1] scaled by the caller);
+cond is (B,) int64 class labels or None. The network knows nothing about betas: it only sees t.
+Label dropout and guidance take "no condition" from `null_cond`, so a text embedding can take a
+label's place later without touching them.
 """
 
 from __future__ import annotations
@@ -111,13 +116,6 @@ class SelfAttention(nn.Module):
 class UNet(nn.Module):
     """Encoder-decoder with skip connections; self-attention at the lowest resolution."""
 
-    # A speed-up only, the same numbers up to rounding. When sampling on a CPU (no gradients), the
-    # activations are kept channels-last (NHWC) in memory, the order oneDNN's convolutions run
-    # fastest on: sampling ran 1.1-1.3x faster on a 2-core AVX2 CPU (benchmarks/sample_speed.py).
-    # Training keeps the plain layout, whose backward pass was faster there (benchmarks/train_speed.py).
-    # Set this to torch.contiguous_format to compare. GPUs keep the plain layout.
-    inference_memory_format = torch.channels_last
-
     def __init__(self, config: UNetConfig = UNetConfig()):
         super().__init__()
         self.config = config
@@ -175,12 +173,19 @@ class UNet(nn.Module):
         """The label meaning "no condition" (None for an unconditional model)."""
         return self.config.num_classes
 
+    def null_cond(self, batch_size: int, device: torch.device | str | None = None) -> Tensor | None:
+        """The "no condition" for a batch: (B,) int64 full of the null label; None if unconditional."""
+        if self.null_class is None:
+            return None
+        device = self.conv_in.weight.device if device is None else device
+        return torch.full((batch_size,), self.null_class, dtype=torch.long, device=device)
+
     def embed(self, t: Tensor, cond: Tensor | None) -> Tensor:
         """Time embedding, plus the class embedding when the model is conditional."""
         emb = self.time_mlp(timestep_embedding(t, self.config.base_channels))
         if self.class_emb is not None:
             if cond is None:
-                cond = torch.full_like(t, self.null_class)
+                cond = self.null_cond(t.shape[0], t.device)
             emb = emb + self.class_emb(cond)
         return emb
 
@@ -188,8 +193,6 @@ class UNet(nn.Module):
         self._check_inputs(x_t, t, cond)
         emb = self.embed(t, cond)
         h = self.conv_in(x_t)
-        if h.device.type == "cpu" and not torch.is_grad_enabled():
-            h = h.contiguous(memory_format=self.inference_memory_format)
         skips = [h]
         for blocks, downsample in zip(self.down, self.downsample):
             for block in blocks:
@@ -217,9 +220,11 @@ class UNet(nn.Module):
         if x_t.dtype != weight_dtype:
             raise ValueError(f"x_t must be {weight_dtype} like the model's weights, got {x_t.dtype}"
                              + (" (scale pixels with data.to_model_range)." if not x_t.is_floating_point() else "."))
-        if t.dtype != torch.int64 or t.shape != (x_t.shape[0],):
-            raise ValueError(f"t must be an int64 tensor of shape ({x_t.shape[0]},), "
+        if t.shape != (x_t.shape[0],) or not (t.dtype == torch.int64 or t.is_floating_point()):
+            raise ValueError(f"t must be a tensor of shape ({x_t.shape[0]},), int64 steps or floats, "
                              f"got {t.dtype} of shape {tuple(t.shape)}.")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError("t holds NaN or infinite values.")
         if cond is None:
             return
         if self.class_emb is None:
