@@ -13,6 +13,7 @@ import time
 import torch
 
 from diffusion_course import checkpoints, cli, data, metrics, schedules, training
+from diffusion_course.generate import generate
 from diffusion_course.unet import UNet, UNetConfig
 
 
@@ -52,14 +53,16 @@ def main() -> int:
     # Sample on the GPU, evaluate on the CPU; then reload the checkpoint and sample again.
     labels = torch.arange(500) % 10
     start = time.perf_counter()
-    images = cli.generate(result.ema_model, schedule, 500, labels, 3.0, "dpm", 20, seed=0, device=device)
+    images = generate(result.ema_model, schedule, num=500, shape=(1, 28, 28), cond=labels, guidance_scale=3.0,
+                      sampler="dpm", sampling_steps=20, seed=0, device=device)
     results["sample_500_dpm20_seconds"] = round(time.perf_counter() - start, 2)
     report = metrics.evaluate_samples(images.cpu(), labels)
     results["accuracy"] = report["accuracy"]
     results["frechet"] = round(report["frechet"], 2)
     results["frechet_real_baseline"] = round(report["frechet_real_baseline"], 2)
     reloaded = checkpoints.load_checkpoint("/tmp/gpu_run", device)
-    again = cli.generate(reloaded.model, reloaded.schedule, 500, labels, 3.0, "dpm", 20, seed=0, device=device)
+    again = generate(reloaded.model, reloaded.schedule, num=500, shape=(1, 28, 28), cond=labels, guidance_scale=3.0,
+                     sampler="dpm", sampling_steps=20, seed=0, device=device)
     results["reload_max_abs_diff"] = float((again - images).abs().max())
 
     print(json.dumps(results, indent=2))

@@ -27,6 +27,7 @@ import torch
 
 from benchmarks import common
 from diffusion_course import cli, data, metrics, schedules, training
+from diffusion_course.generate import generate
 from diffusion_course.unet import UNet, UNetConfig
 
 DEFAULT_RECIPES = ["before:min_snr_gamma=none,lr=0.002,warmup_steps=200",   # the defaults until Min-SNR came
@@ -66,7 +67,8 @@ def run_recipe(overrides: dict, steps: int, num: int, seed: int, dataset) -> dic
     result = training.train(model, dataset.images, schedule, config, dataset.labels)
     seconds = time.perf_counter() - start
     labels = torch.arange(num) % 10
-    images = cli.generate(result.ema_model, schedule, num, labels, 3.0, "dpm", 20, seed=seed)
+    images = generate(result.ema_model, schedule, num=num, shape=(1, 28, 28), cond=labels, guidance_scale=3.0,
+                      sampler="dpm", sampling_steps=20, seed=seed)
     report = metrics.evaluate_samples(images, labels, seed=seed)
     return {"steps": steps, "train_seconds": round(seconds, 1),
             "images_per_second": round(steps * config.batch_size / seconds, 1),

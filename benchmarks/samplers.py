@@ -6,7 +6,7 @@
     python -m benchmarks.samplers --quick            (seconds; checks that it runs)
 
 Every sampler draws the same digits (labels 0-9 in turn) from the same starting noise, with
-classifier-free guidance 3, through `cli.generate` (what `diffusion-course sample` runs). The
+classifier-free guidance 3, through `generate.generate` (what `diffusion-course sample` runs). The
 Frechet distance is in the metrics classifier's feature space, next to the distance between two
 real test sets of the same size (it depends on the sample count, so DDPM, which runs on fewer
 samples, has its own baseline). seconds_per_100 is the sampling time only, scaled to 100 digits.
@@ -26,6 +26,7 @@ import torch
 
 from benchmarks import common
 from diffusion_course import checkpoints, cli, metrics
+from diffusion_course.generate import generate
 
 # (sampler, model calls): DDPM takes every one of the schedule's 1000 steps.
 CONFIGS = [("ddpm", 1000), ("ddim", 10), ("ddim", 20), ("ddim", 50), ("ddim", 100),
@@ -52,7 +53,8 @@ def time_100_digits(model, schedule, guidance: float, steps: int) -> float:
     """Seconds for one call that draws 100 digits with DPM-Solver++ (the issue's '100 digits' figure)."""
     labels = torch.arange(100) % 10
     start = time.perf_counter()
-    cli.generate(model, schedule, 100, labels, guidance, "dpm", steps, seed=1)
+    generate(model, schedule, num=100, shape=(1, 28, 28), cond=labels, guidance_scale=guidance, sampler="dpm",
+             sampling_steps=steps, seed=1)
     return time.perf_counter() - start
 
 
@@ -89,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         labels = torch.arange(num) % 10
         common.log(f"{config_name(sampler, steps)}: sampling {num} ...")
         start = time.perf_counter()
-        images = cli.generate(model, schedule, num, labels, args.guidance, sampler,
-                              None if sampler == "ddpm" else steps, args.seed, args.batch_size)
+        images = generate(model, schedule, num=num, shape=(1, 28, 28), cond=labels, guidance_scale=args.guidance,
+                          sampler=sampler, sampling_steps=steps, seed=args.seed, batch_size=args.batch_size)
         seconds = time.perf_counter() - start
         report = metrics.evaluate_samples(images, labels, seed=args.seed)
         entry = {"sampler": sampler, "steps": steps, "num_samples": num,

@@ -31,6 +31,7 @@ import torch
 
 from benchmarks import common
 from diffusion_course import checkpoints, cli, data, metrics, schedules, training
+from diffusion_course.generate import generate
 from diffusion_course.unet import UNet, UNetConfig
 
 DEFAULT_MARKS = "1,2,5,10"
@@ -113,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         labels = torch.arange(args.num) % 10
         for minutes, folder in zip(marks, folders):
             checkpoint = checkpoints.load_checkpoint(folder)
-            images = cli.generate(checkpoint.model, checkpoint.schedule, args.num, labels, args.guidance,
-                                  "dpm", args.steps, seed=args.seed)
+            images = generate(checkpoint.model, checkpoint.schedule, num=args.num, shape=(1, 28, 28), cond=labels,
+                              guidance_scale=args.guidance, sampler="dpm", sampling_steps=args.steps, seed=args.seed)
             report = metrics.evaluate_samples(images, labels, seed=args.seed)
             entry = {"minutes": minutes, "step": checkpoint.info["step"],
                      "train_seconds": round(checkpoint.info["seconds"], 1),

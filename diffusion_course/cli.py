@@ -15,9 +15,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoints, data, metrics, sampling, schedules, training
-from .guidance import ClassifierFreeGuidance
+from . import checkpoints, data, editing, metrics, sampling, schedules, training
+from .generate import generate
+from .guidance import guided
 from .unet import UNet, UNetConfig
+
+
+def image_shape(model) -> tuple:
+    """(C, H, W) of the images a checkpoint's U-Net makes."""
+    return (model.config.in_channels, model.config.image_size, model.config.image_size)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--image", help="a PNG/JPEG image (resized to the model's size; grey for MNIST)")
     source.add_argument("--test-digit", type=int, help="index of an MNIST test-set digit")
     edit.add_argument("--strength", type=float, help="img2img: 0 keeps the image, 1 ignores it (default 0.6)")
-    edit.add_argument("--mask", choices=sorted(MASKS), help="inpaint this region (regenerate it) instead of img2img")
+    edit.add_argument("--mask", choices=sorted(editing.MASKS), help="inpaint this region (regenerate it) instead of img2img")
     edit.add_argument("--label", type=int, help="class to steer towards (default: unconditional)")
     edit.add_argument("--num", type=int, default=8, help="how many variations")
     edit.add_argument("--guidance", type=float, default=3.0)
@@ -148,28 +154,6 @@ def parse_labels(text: str, num: int, num_classes: int | None) -> torch.Tensor |
     return torch.tensor(values)[torch.arange(num) % len(values)]
 
 
-def generate(model, schedule, num: int, labels: torch.Tensor | None, guidance: float = 3.0,
-             sampler: str = "dpm", steps: int | None = 20, seed: int = 0, batch_size: int = 100,
-             negative: int | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
-    """Sample `num` images in batches; returns (num, C, H, W) floats in [-1, 1]. The starting
-    noise comes from `seed`, so DDIM and DPM-Solver (deterministic from there) give the same
-    images whatever the batch size; DDPM's per-step noise depends on the batching."""
-    config = model.config
-    if model.null_class is not None and (guidance != 1.0 or negative is not None):
-        model = ClassifierFreeGuidance(model, guidance, negative)
-    generator = torch.Generator(device).manual_seed(seed)
-    x_T = torch.randn(num, config.in_channels, config.image_size, config.image_size,
-                      generator=generator, device=device)
-    cond = None if labels is None else labels.to(device)
-    out = []
-    for start in range(0, num, batch_size):
-        part = slice(start, start + batch_size)
-        out.append(sampling.sample(model, x_T[part], schedule, sampler,
-                                   None if sampler == "ddpm" else steps,
-                                   cond=None if cond is None else cond[part], generator=generator))
-    return torch.cat(out).clamp(-1, 1)
-
-
 def run_sample(args) -> int:
     if Path(args.out).suffix != ".npz":
         raise ValueError(f"--out must end in .npz, got {args.out}.")
@@ -178,8 +162,10 @@ def run_sample(args) -> int:
         raise ValueError(f"--num must be at least 1, got {args.num}.")
     labels = parse_labels(args.labels, args.num, checkpoint.model.null_class)
     start = time.perf_counter()
-    images = generate(checkpoint.model, checkpoint.schedule, args.num, labels, args.guidance, args.sampler,
-                      args.steps, args.seed, args.batch_size, getattr(args, "negative", None), args.device)
+    model = checkpoint.model
+    images = generate(model, checkpoint.schedule, num=args.num, shape=image_shape(model), cond=labels,
+                      guidance_scale=args.guidance, negative=args.negative, sampler=args.sampler,
+                      sampling_steps=args.steps, seed=args.seed, batch_size=args.batch_size, device=args.device)
     seconds = time.perf_counter() - start
     save_samples(args.out, images, labels)
     print(f"wrote {args.num} samples to {args.out} (and {Path(args.out).with_suffix('.png')}) "
@@ -217,20 +203,6 @@ def load_samples(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     return data.to_model_range(images), torch.from_numpy(labels)
 
 
-def make_mask(name: str, size: int) -> torch.Tensor:
-    """A (1, 1, size, size) mask, 1 in the region to regenerate: a half, the centre, or a border."""
-    mask = torch.zeros(1, 1, size, size)
-    half, quarter = size // 2, size // 4
-    regions = {"left": (slice(None), slice(0, half)), "right": (slice(None), slice(half, None)),
-               "top": (slice(0, half), slice(None)), "bottom": (slice(half, None), slice(None)),
-               "center": (slice(quarter, size - quarter), slice(quarter, size - quarter))}
-    mask[0, 0][regions[name]] = 1
-    return mask
-
-
-MASKS = ("left", "right", "top", "bottom", "center")
-
-
 def load_image(path: str, channels: int, size: int) -> torch.Tensor:
     """Read an image file as a (1, channels, size, size) tensor in [-1, 1]."""
     from PIL import Image, UnidentifiedImageError
@@ -244,8 +216,6 @@ def load_image(path: str, channels: int, size: int) -> torch.Tensor:
 
 
 def run_edit(args) -> int:
-    from . import editing
-
     if Path(args.out).suffix != ".npz":
         raise ValueError(f"--out must end in .npz, got {args.out}.")
     if args.num < 1:
@@ -270,15 +240,15 @@ def run_edit(args) -> int:
         image = test.images[args.test_digit:args.test_digit + 1]
     images = image.expand(args.num, -1, -1, -1).contiguous()
     labels = None if args.label is None else torch.full((args.num,), args.label, dtype=torch.long)
-    if model.null_class is not None and args.guidance != 1.0 and labels is not None:
-        model = ClassifierFreeGuidance(model, args.guidance)
-    generator = torch.Generator().manual_seed(args.seed)
+    if labels is not None:
+        model = guided(model, args.guidance)
+    options = dict(sampler=args.sampler, sampling_steps=args.steps, cond=labels,
+                   generator=torch.Generator().manual_seed(args.seed))
     if args.mask is not None:
-        mask = make_mask(args.mask, config.image_size)
-        out = editing.inpaint(model, images, mask, checkpoint.schedule, args.sampler, args.steps, labels, generator)
+        mask = editing.make_mask(args.mask, config.image_size)
+        out = editing.inpaint(model, images, mask, checkpoint.schedule, **options)
     else:
-        out = editing.img2img(model, images, checkpoint.schedule, strength, args.sampler, args.steps,
-                              labels, generator)
+        out = editing.img2img(model, images, checkpoint.schedule, strength=strength, **options)
     save_samples(args.out, torch.cat([image, out.clamp(-1, 1)]),
                  torch.cat([torch.tensor([-1]), labels if labels is not None else torch.full((args.num,), -1)]))
     print(f"wrote the original and {args.num} edits to {args.out} (and {Path(args.out).with_suffix('.png')})")

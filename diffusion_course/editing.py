@@ -1,10 +1,11 @@
-"""Editing real images with a trained model: image-to-image (SDEdit), inpainting, outpainting.
+"""Lesson 06: editing real images with a trained model: image-to-image (SDEdit), inpainting,
+outpainting. Exercises: img2img_start, inpaint_step.
 
 All three reuse the samplers of sampling.py unchanged, with any model (guided or not):
 
 - img2img (Meng et al. 2022, SDEdit): noise the image part of the way (to a timestep set by
   `strength`), then run the reverse process from there. Strength 0 returns the image, strength
-  1 starts from pure noise and ignores it.
+  1 starts from pure noise and ignores it. The sampler visits a grid that starts at that timestep.
 - inpaint (the "replacement" method, Lugmayr et al. 2022 without resampling): after every
   reverse step, overwrite the known pixels with the original noised to the same timestep, so
   the model only invents the masked region, in keeping with what is around it.
@@ -53,82 +54,106 @@ def img2img_start(x0: Tensor, strength: float, schedule: NoiseSchedule, noise: T
     return StartPoint(q_sample(x0, t, schedule, noise), t_start)
 
 
-def img2img(model, x0: Tensor, schedule: NoiseSchedule, strength: float = 0.6, sampler: str = "ddim",
-            num_steps: int | None = 50, cond: Tensor | None = None,
-            generator: torch.Generator | None = None) -> Tensor:
+def img2img(model, x0: Tensor, schedule: NoiseSchedule, *, strength: float = 0.6, sampler: str = "ddim",
+            sampling_steps: int | None = 50, cond: Tensor | None = None,
+            generator: torch.Generator | None = None, clip_x0: float | None = 1.0) -> Tensor:
     """Image-to-image: keep the rough layout of x0, redraw the details (SDEdit).
 
-    num_steps counts model calls for the whole 0..T range; a strength of 0.5 takes about half
-    of them (DDPM takes every step from t_start down). Returns (B, C, H, W) in about [-1, 1].
+    sampling_steps counts model calls for the whole 0..T range (None: the sampler's default); a
+    strength of 0.5 takes about half of them (DDPM takes every step from t_start down).
+    Returns (B, C, H, W) in about [-clip_x0, clip_x0].
     """
-    _check_images(x0)
+    check_images(x0)
     _check_strength(strength)
     if strength == 0:
         return x0.clone()
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     start = img2img_start(x0, strength, schedule, noise)
-    steps = None if sampler == "ddpm" else max(1, min(start.t_start + 1, round(num_steps * strength)))
-    return sampling.sample(model, start.x_t, schedule, sampler, steps, cond=cond, generator=generator,
-                           t_start=start.t_start)
+    timesteps = sampling.timestep_grid(sampler, schedule, _steps_for(sampler, sampling_steps, strength, start.t_start),
+                                       start.t_start)
+    return sampling.SAMPLERS[sampler](model, start.x_t, schedule, timesteps, cond=cond, generator=generator,
+                                      clip_x0=clip_x0)
 
 
-def inpaint_step(x_t: Tensor, t: int, x_known: Tensor, mask: Tensor, schedule: NoiseSchedule,
+def inpaint_step(x_t: Tensor, t: Tensor, x_known: Tensor, mask: Tensor, schedule: NoiseSchedule,
                  noise: Tensor | None = None) -> Tensor:
     """Keep the generated pixels inside the mask and put back the known ones outside it.
 
         x_t <- mask * x_t + (1 - mask) * q_sample(x_known, t)
 
     Args:
-        x_t: (B, C, H, W) the sample after a reverse step, at timestep t (-1: clean).
+        x_t: (B, C, H, W) the sample after a reverse step, at timestep t.
+        t: (B,) int64 in [-1, T); rows with t = -1 (clean) get the known pixels exactly.
         mask: (B or 1, 1 or C, H, W), 1 where pixels are to be generated, 0 where they are known.
     """
-    if t < 0:
-        known_t = x_known                        # the last step: the known pixels exactly
-    else:
-        t_batch = torch.full((x_t.shape[0],), t, dtype=torch.long, device=x_t.device)
-        known_t = q_sample(x_known, t_batch, schedule, noise)
+    if not isinstance(t, Tensor) or t.shape != (x_t.shape[0],):
+        raise ValueError(f"t must be a (B,) int64 tensor (B = {x_t.shape[0]}), -1 meaning clean, got {t!r}.")
+    clean = (t < 0).view(-1, *([1] * (x_t.ndim - 1)))
+    known_t = torch.where(clean, x_known, q_sample(x_known, t.clamp(min=0), schedule, noise))
     return mask * x_t + (1 - mask) * known_t
 
 
-def inpaint(model, image: Tensor, mask: Tensor, schedule: NoiseSchedule, sampler: str = "ddim",
-            num_steps: int | None = 50, cond: Tensor | None = None,
-            generator: torch.Generator | None = None) -> Tensor:
-    """Regenerate the masked region of `image` (1 in `mask`) and keep the rest.
+def inpaint(model, x0: Tensor, mask: Tensor, schedule: NoiseSchedule, *, sampler: str = "ddim",
+            sampling_steps: int | None = 50, cond: Tensor | None = None,
+            generator: torch.Generator | None = None, clip_x0: float | None = 1.0) -> Tensor:
+    """Regenerate the masked region of the images x0 (1 in `mask`) and keep the rest.
 
     Args:
-        image: (B, C, H, W) in [-1, 1]; its pixels under the mask are ignored.
+        x0: (B, C, H, W) in [-1, 1]; its pixels under the mask are ignored.
         mask: (B or 1, 1 or C, H, W) with values in {0, 1}; 1 = generate.
     Returns:
-        (B, C, H, W); equal to `image` outside the mask.
+        (B, C, H, W); equal to x0 outside the mask.
     """
-    _check_images(image)
-    mask = _check_mask(mask, image)
+    check_images(x0)
+    mask = _check_mask(mask, x0)
 
-    def keep_known(i: int, t: int, x_t: Tensor, x0_pred: Tensor) -> Tensor:
-        noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
-        return inpaint_step(x_t, t, image, mask, schedule, noise)
+    def keep_known(step: sampling.SamplerStep) -> Tensor:
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        t_prev = torch.full((x0.shape[0],), step.t_prev, dtype=torch.long, device=x0.device)
+        return inpaint_step(step.x_prev, t_prev, x0, mask, schedule, noise)
 
-    x_T = torch.randn(image.shape, generator=generator, device=image.device, dtype=image.dtype)
-    return sampling.sample(model, x_T, schedule, sampler, None if sampler == "ddpm" else num_steps,
-                           cond=cond, generator=generator, callback=keep_known)
+    x_T = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    timesteps = sampling.timestep_grid(sampler, schedule, _steps_for(sampler, sampling_steps, 1.0, schedule.num_steps - 1))
+    return sampling.SAMPLERS[sampler](model, x_T, schedule, timesteps, cond=cond, generator=generator,
+                                      callback=keep_known, clip_x0=clip_x0)
 
 
-def outpaint(model, image: Tensor, schedule: NoiseSchedule, left: int = 0, right: int = 0, top: int = 0,
-             bottom: int = 0, **inpaint_kwargs) -> Tensor:
+def outpaint(model, x0: Tensor, schedule: NoiseSchedule, *, left: int = 0, right: int = 0, top: int = 0,
+             bottom: int = 0, fill: float = -1.0, **inpaint_kwargs) -> Tensor:
     """Extend the canvas by the given number of pixels on each side and fill the new border.
 
-    The network is convolutional, so it runs on the larger canvas; its sides must divide by
-    the U-Net's downsampling factor (4 for the course model). Returns the larger images,
-    (B, C, top + H + bottom, left + W + right).
+    The new border starts as `fill` (-1 is black for images in [-1, 1], 0 suits latents); inpainting
+    ignores the pixels under its mask, so the value never reaches the output. The network is convolutional, so it runs
+    on the larger canvas; its sides must divide by the U-Net's downsampling factor (4 for the
+    course model). Returns the larger images, (B, C, top + H + bottom, left + W + right).
     """
-    _check_images(image)
+    check_images(x0)
     pads = {"left": left, "right": right, "top": top, "bottom": bottom}
-    bad = {name: value for name, value in pads.items() if not isinstance(value, int) or value < 0}
+    bad = {name: value for name, value in pads.items() if isinstance(value, bool) or not isinstance(value, int)
+           or value < 0}
     if bad:
         raise ValueError(f"outpaint needs whole, non-negative numbers of pixels per side, got {bad}.")
-    canvas = F.pad(image, (left, right, top, bottom), value=-1.0)     # -1 is black
-    mask = F.pad(torch.zeros_like(image[:1, :1]), (left, right, top, bottom), value=1.0)
+    if isinstance(fill, bool) or not isinstance(fill, (int, float)) or not math.isfinite(fill):
+        raise ValueError(f"fill must be a finite number (the value of the new pixels), got {fill!r}.")
+    canvas = F.pad(x0, (left, right, top, bottom), value=float(fill))
+    mask = F.pad(torch.zeros_like(x0[:1, :1]), (left, right, top, bottom), value=1.0)
     return inpaint(model, canvas, mask, schedule, **inpaint_kwargs)
+
+
+MASKS = ("left", "right", "top", "bottom", "center")
+
+
+def make_mask(name: str, size: int) -> Tensor:
+    """A (1, 1, size, size) mask, 1 in the region to regenerate: a half, the centre, or a border."""
+    if name not in MASKS:
+        raise ValueError(f"Unknown mask {name!r}; expected one of {list(MASKS)}.")
+    mask = torch.zeros(1, 1, size, size)
+    half, quarter = size // 2, size // 4
+    regions = {"left": (slice(None), slice(0, half)), "right": (slice(None), slice(half, None)),
+               "top": (slice(0, half), slice(None)), "bottom": (slice(half, None), slice(None)),
+               "center": (slice(quarter, size - quarter), slice(quarter, size - quarter))}
+    mask[0, 0][regions[name]] = 1
+    return mask
 
 
 def slerp(noise_a: Tensor, noise_b: Tensor, weight: float) -> Tensor:
@@ -153,15 +178,28 @@ def slerp(noise_a: Tensor, noise_b: Tensor, weight: float) -> Tensor:
     return torch.where(parallel, line, arc).view_as(noise_a)
 
 
+def _steps_for(sampler: str, sampling_steps: int | None, strength: float, t_start: int) -> int | None:
+    """The model calls an edit at `strength` takes: that share of sampling_steps, at least 1.
+    DDPM takes every step from t_start down, whatever sampling_steps says (None)."""
+    if sampler == "ddpm":
+        return None
+    if sampling_steps is None:
+        sampling_steps = sampling.DEFAULT_SAMPLING_STEPS[sampler]
+    if isinstance(sampling_steps, bool) or not isinstance(sampling_steps, int) or sampling_steps < 1:
+        raise ValueError(f"sampling_steps must be a whole number of at least 1 (or None), got {sampling_steps!r}.")
+    return max(1, min(t_start + 1, round(sampling_steps * strength)))
+
+
 def _check_strength(strength: float) -> None:
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be a number in [0, 1] (0 keeps the image, 1 ignores it), got {strength!r}.")
 
 
-def _check_images(images: Tensor) -> None:
-    if images.ndim != 4 or not images.is_floating_point():
-        raise ValueError(f"images must be a float (B, C, H, W) tensor in [-1, 1], got {images.dtype} "
-                         f"of shape {tuple(images.shape)}.")
+def check_images(images: Tensor) -> None:
+    """Raise a clear error unless `images` is a float (B, C, H, W) tensor."""
+    if not isinstance(images, Tensor) or images.ndim != 4 or not images.is_floating_point():
+        got = f"{images.dtype} of shape {tuple(images.shape)}" if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"images must be a float (B, C, H, W) tensor in [-1, 1], got {got}.")
 
 
 def _check_mask(mask: Tensor, image: Tensor) -> Tensor:

@@ -1,10 +1,11 @@
-"""Interactive explorers for the notebooks (ipywidgets).
+"""Interactive explorers for the notebooks (ipywidgets), ring 3: lesson 01's timestep explorer,
+lesson 04's reverse process, lesson 05's guidance scale, lesson 06's image-to-image strength.
 
 Each explorer is a widget (a VBox) that you display by making it the last line of a cell.
 Its picture is a PNG in an `ipywidgets.Image` that is redrawn in place when a slider moves,
 so the notebook does not fill up with figures. Each explorer also draws a static matplotlib
-figure when it is created, so something shows where widgets do not render (a static HTML
-export, GitHub's notebook viewer).
+figure when it is created and carries it as the static copy of its output: it shows only where
+widgets do not render (a static HTML export, GitHub's notebook viewer), never above a slider.
 
 Tests and curious learners can drive an explorer from code: set `explorer.slider.value` and
 read `explorer.image.value` (the PNG bytes shown) or the explorer's own documented attributes.
@@ -12,6 +13,7 @@ read `explorer.image.value` (the PNG bytes shown) or the explorer's own document
 
 from __future__ import annotations
 
+import base64
 import io
 import math
 import time
@@ -26,7 +28,10 @@ from matplotlib.figure import Figure
 from PIL import Image as PILImage
 from torch import Tensor
 
-from . import viz
+from . import sampling, viz
+from .editing import check_images, img2img
+from .generate import generate
+from .guidance import guided
 from .schedules import NoiseSchedule, cosine_schedule, linear_schedule, q_sample
 
 
@@ -63,23 +68,32 @@ class FastFigure:
         return buffer.getvalue()
 
 
-def show_fallback(fig: Figure) -> None:
-    """Display a static figure as a PNG in the notebook (nothing outside IPython), then close it.
+class StaticCopy:
+    """Mixin for an explorer: its static figure travels in the same output as the live widget, as
+    an image/png alternative. JupyterLab with widgets shows the slider; a viewer that cannot run
+    widgets (nbconvert, GitHub, a notebook without the widget extension) shows the picture instead.
+    So the static copy never sits above a working slider."""
 
-    A PNG is shown rather than the figure itself, so it appears whatever matplotlib backend is active."""
-    try:
-        from IPython import get_ipython
-        from IPython.display import Image, display
-    except ImportError:
-        get_ipython = None
-    if get_ipython is not None and get_ipython() is not None:
-        display(Image(figure_to_png(fig, dpi=100)))
+    fallback_png: bytes = b""
+
+    def _repr_mimebundle_(self, **kwargs):
+        bundle = super()._repr_mimebundle_(**kwargs)
+        if self.fallback_png and isinstance(bundle, dict):
+            bundle = {**bundle, "image/png": base64.b64encode(self.fallback_png).decode("ascii")}
+        return bundle
+
+
+def keep_static_copy(explorer: StaticCopy, fig: Figure, fallback: bool) -> None:
+    """Store `fig` as the explorer's static copy (when `fallback`), then close it."""
+    explorer.fallback_figure = fig
+    if fallback:
+        explorer.fallback_png = figure_to_png(fig, dpi=100)
     plt.close(fig)
 
 
 # --- Lesson 01: the forward process ---------------------------------------------------------
 
-class TimestepExplorer(ipywidgets.VBox):
+class TimestepExplorer(StaticCopy, ipywidgets.VBox):
     """x_t for a few images under several schedules, with a "timestep t" slider.
 
     Attributes (for driving it from code):
@@ -112,11 +126,8 @@ class TimestepExplorer(ipywidgets.VBox):
         if fallback_timesteps is None:
             T = num_steps
             fallback_timesteps = [0, T // 10, T // 4, T // 2, 3 * T // 4, T - 1]
-        self.fallback_figure = viz.show_noising(images[:2], self.schedules, fallback_timesteps, self.noise[:2])
-        if fallback:
-            show_fallback(self.fallback_figure)
-        else:
-            plt.close(self.fallback_figure)
+        keep_static_copy(self, viz.show_noising(images[:2], self.schedules, fallback_timesteps, self.noise[:2]),
+                         fallback)
 
     def _build_figure(self) -> tuple[Figure, dict]:
         """One row of images per schedule, and the alpha_bar curves on the right."""
@@ -182,7 +193,7 @@ def timestep_explorer(images: Tensor, schedules: Sequence[NoiseSchedule] | None 
         t: the slider's starting value.
         seed: seeds the fixed noise (one draw per image, reused for every t and schedule, so
             moving the slider only changes t).
-        fallback: also display a static figure of x_t at six timesteps.
+        fallback: keep a static figure (shown where widgets cannot run) of x_t at six timesteps.
     Returns:
         A TimestepExplorer (an ipywidgets.VBox: [slider, image]); see its attributes.
     """
@@ -202,7 +213,7 @@ class ReverseFrame(NamedTuple):
     x0_pred: Tensor   # (B, C, H, W) the model's guess of the clean image, made from x_t
 
 
-class ReverseProcessExplorer(ipywidgets.VBox):
+class ReverseProcessExplorer(StaticCopy, ipywidgets.VBox):
     """Scrub through one cached generation with a "reverse step" slider.
 
     The sampler runs once when the explorer is created; x_t and the model's current guess of
@@ -239,11 +250,7 @@ class ReverseProcessExplorer(ipywidgets.VBox):
         super().__init__([ipywidgets.HBox([self.slider, self.readout]), self.image])
         self.update(0)
         self._figure.set_layout_engine("none")   # keep the layout of the first draw: redraws are faster
-        self.fallback_figure = self._draw_fallback(fallback_frames)
-        if fallback:
-            show_fallback(self.fallback_figure)
-        else:
-            plt.close(self.fallback_figure)
+        keep_static_copy(self, self._draw_fallback(fallback_frames), fallback)
 
     @property
     def shown(self) -> ReverseFrame:
@@ -312,42 +319,35 @@ class ReverseProcessExplorer(ipywidgets.VBox):
         return fig
 
 
-def reverse_process_explorer(model, schedule: NoiseSchedule, labels: Sequence[int] | Tensor | None = (0, 1, 2, 3),
-                             sampler: str = "ddim", num_steps: int | None = 50, guidance_scale: float = 3.0,
-                             seed: int = 0, num_images: int = 4, fallback: bool = True) -> ReverseProcessExplorer:
+def reverse_process_explorer(model, schedule: NoiseSchedule, labels: Sequence[int] | Tensor | None = (0, 1, 2, 3), *,
+                             shape: tuple = (1, 28, 28), sampler: str = "ddim", num_steps: int | None = 50,
+                             guidance_scale: float = 3.0, seed: int = 0, num_images: int = 4,
+                             fallback: bool = True) -> ReverseProcessExplorer:
     """Generate a few images once and explore the reverse process with a "reverse step" slider.
 
     Args:
         model: `model(x_t, t, cond) -> eps_pred`. A class-conditional model is wrapped in
-            ClassifierFreeGuidance(guidance_scale) (lesson 05 explains guidance).
+            classifier-free guidance at guidance_scale (guidance.guided; lesson 05 explains it).
         labels: the classes to generate, one image each; None for unlabelled images.
+        shape: (C, H, W) of one image.
         sampler: "ddpm" (every one of the T steps: T + 1 frames), "ddim" or "dpm".
         num_steps: model calls for "ddim" and "dpm" (ignored by "ddpm").
         seed: seeds the starting noise (and DDPM's noise), so the same seed gives the same images.
         num_images: how many images when labels is None.
-        fallback: also display a static strip of 8 frames.
+        fallback: keep a static strip (shown where widgets cannot run) of 8 frames.
     Returns:
         A ReverseProcessExplorer (an ipywidgets.VBox); see its attributes.
     """
-    from .guidance import ClassifierFreeGuidance
-    from .sampling import sample
-
     cond = None if labels is None else torch.as_tensor(labels, dtype=torch.long).reshape(-1)
-    count = num_images if cond is None else len(cond)
-    config = model.config
-    generator = torch.Generator().manual_seed(seed)
-    x_T = torch.randn(count, config.in_channels, config.image_size, config.image_size, generator=generator)
-    if getattr(model, "null_class", None) is not None and cond is not None and guidance_scale != 1.0:
-        model = ClassifierFreeGuidance(model, guidance_scale)
-    frames, current = [], {"x": x_T, "t": schedule.num_steps - 1}
+    frames = []
 
-    def record(i: int, t_new: int, x_new: Tensor, x0_pred: Tensor) -> None:
-        # x0_pred was made from the x_t held before this step; t_new is where x_new now is.
-        frames.append(ReverseFrame(i, current["t"], current["x"].detach().cpu(), x0_pred.detach().cpu()))
-        current["x"], current["t"] = x_new, t_new
+    def record(step: sampling.SamplerStep) -> None:      # what the model saw at t, and its guess of x0
+        frames.append(ReverseFrame(step.i, step.t, step.x_t.detach().cpu(), step.x0_pred.detach().cpu()))
 
-    samples = sample(model, x_T, schedule, sampler, None if sampler == "ddpm" else num_steps,
-                     cond=cond, generator=generator, callback=record)
+    x_T = torch.randn(num_images if cond is None else len(cond), *shape, generator=torch.Generator().manual_seed(seed))
+    timesteps = sampling.timestep_grid(sampler, schedule, None if sampler == "ddpm" else num_steps)
+    samples = sampling.SAMPLERS[sampler](guided(model, guidance_scale), x_T, schedule, timesteps, cond=cond,
+                                         generator=torch.Generator().manual_seed(seed), callback=record)
     frames.append(ReverseFrame(len(frames), -1, samples.detach().cpu(), samples.detach().cpu()))
     title = f"{sampler.upper()}, {len(frames) - 1} steps, seed {seed}"
     return ReverseProcessExplorer(frames, title=title, fallback=fallback)
@@ -357,34 +357,26 @@ def reverse_process_explorer(model, schedule: NoiseSchedule, labels: Sequence[in
 
 def _start(explorer, controls: Sequence, fallback_figure: Figure, fallback: bool) -> None:
     """The last steps of an explorer's __init__: redraw when any control changes, draw the first
-    setting, and show the static fallback figure (or close it)."""
+    setting, and keep the static figure as the widget's static copy (or just close it)."""
     for control in controls:
         control.observe(lambda change: explorer.update(), names="value")
-    explorer.fallback_figure = fallback_figure
     explorer.update()
-    if fallback:
-        show_fallback(fallback_figure)
-    else:
-        plt.close(fallback_figure)
+    keep_static_copy(explorer, fallback_figure, fallback)
 
 
-def _sample_grid(model, schedule: NoiseSchedule, labels: Tensor | None, guidance_scale: float, num_steps: int,
-                 seed: int, num_images: int, sampler: str = "dpm") -> Tensor:
-    """num_images samples (on the CPU, in [-1, 1]) from the starting noise of `seed`."""
-    from .guidance import ClassifierFreeGuidance
-    from .sampling import sample
+def _sample_grid(model, schedule: NoiseSchedule, labels: Tensor, guidance_scale: float, num_steps: int,
+                 seed: int, sampler: str = "dpm") -> Tensor:
+    """One sample per label (on the CPU, in [-1, 1]) from the starting noise of `seed`."""
+    return generate(model, schedule, num=len(labels), shape=_image_shape(model), cond=labels,
+                    guidance_scale=guidance_scale, sampler=sampler, sampling_steps=int(num_steps), seed=int(seed)).cpu()
 
+
+def _image_shape(model) -> tuple:
     config = model.config
-    generator = torch.Generator().manual_seed(int(seed))
-    x_T = torch.randn(num_images, config.in_channels, config.image_size, config.image_size, generator=generator)
-    if labels is not None and getattr(model, "null_class", None) is not None:
-        model = ClassifierFreeGuidance(model, guidance_scale)
-    out = sample(model, x_T, schedule, sampler, None if sampler == "ddpm" else int(num_steps), cond=labels,
-                 generator=generator)
-    return out.clamp(-1, 1).cpu()
+    return (config.in_channels, config.image_size, config.image_size)
 
 
-class GuidanceExplorer(ipywidgets.VBox):
+class GuidanceExplorer(StaticCopy, ipywidgets.VBox):
     """A grid of samples of one digit, redrawn when the guidance scale, digit, steps or seed change.
 
     Every grid starts from the same noise (set by the seed), so moving the "guidance scale w"
@@ -442,8 +434,7 @@ class GuidanceExplorer(ipywidgets.VBox):
         key = (digit, scale, steps, seed)
         if key not in self._cache:
             labels = torch.full((self.num_images,), digit, dtype=torch.long)
-            images = _sample_grid(self.model, self.schedule, labels, scale, steps, seed, self.num_images,
-                                  self.sampler)
+            images = _sample_grid(self.model, self.schedule, labels, scale, steps, seed, self.sampler)
             self._cache[key] = (images, b"")
         return self._cache[key][0]
 
@@ -481,7 +472,7 @@ def guidance_explorer(model, schedule: NoiseSchedule, digit: int = 3, guidance_s
         digit, guidance_scale, num_steps, seed: the starting setting. Sampling is DPM-Solver++
             (deterministic), so the same setting always gives the same grid.
         num_images: images per grid; 8 with 10 steps takes under a second on a 2-core CPU.
-        fallback: also display a static figure of the grid at w = 0, 1, 3 and 8.
+        fallback: keep a static figure (shown where widgets cannot run) of the grid at w = 0, 1, 3 and 8.
     Returns:
         A GuidanceExplorer (an ipywidgets.VBox); see its attributes.
     """
@@ -490,7 +481,7 @@ def guidance_explorer(model, schedule: NoiseSchedule, digit: int = 3, guidance_s
 
 # --- Lesson 06: image-to-image ----------------------------------------------------------------
 
-class StrengthExplorer(ipywidgets.VBox):
+class StrengthExplorer(StaticCopy, ipywidgets.VBox):
     """Image-to-image (SDEdit) on a few real images, with a "strength" slider.
 
     The top row shows the originals, the bottom row their edits at the chosen strength: each image
@@ -511,9 +502,7 @@ class StrengthExplorer(ipywidgets.VBox):
     def __init__(self, model, schedule: NoiseSchedule, images: Tensor, strength: float = 0.5, target: int = -1,
                  num_steps: int = 20, guidance_scale: float = 3.0, seed: int = 0,
                  fallback_strengths: Sequence[float] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0), fallback: bool = True):
-        from .editing import _check_images
-
-        _check_images(images)
+        check_images(images)
         num_classes = getattr(model, "null_class", None)
         if target != -1 and (num_classes is None or not 0 <= target < num_classes):
             raise ValueError(f"target must be -1 (no label) or a class of this conditional model, got {target}.")
@@ -549,17 +538,12 @@ class StrengthExplorer(ipywidgets.VBox):
 
     def edit(self, strength: float, target: int, seed: int) -> Tensor:
         """The edits for one setting (cached)."""
-        from .editing import img2img
-        from .guidance import ClassifierFreeGuidance
-
         key = (strength, target, seed)
         if key not in self._cache:
-            model, cond = self.model, None
-            if target >= 0:
-                cond = torch.full((len(self.originals),), target, dtype=torch.long)
-                model = ClassifierFreeGuidance(self.model, self.guidance_scale)
-            out = img2img(model, self.originals, self.schedule, strength, "ddim", self.num_steps, cond=cond,
-                          generator=torch.Generator().manual_seed(seed))
+            cond = None if target < 0 else torch.full((len(self.originals),), target, dtype=torch.long)
+            model = self.model if target < 0 else guided(self.model, self.guidance_scale)
+            out = img2img(model, self.originals, self.schedule, strength=strength, sampler="ddim",
+                          sampling_steps=self.num_steps, cond=cond, generator=torch.Generator().manual_seed(seed))
             self._cache[key] = [out.clamp(-1, 1).cpu(), b""]
         return self._cache[key][0]
 
@@ -600,7 +584,7 @@ def strength_explorer(model, schedule: NoiseSchedule, images: Tensor, strength: 
         images: (N, C, H, W) images in [-1, 1]; 4 to 8 look best.
         strength, target, seed: the starting setting (target -1: no label).
         num_steps: DDIM steps for strength 1 (a strength s takes about s * num_steps of them).
-        fallback: also display a static figure of the edits at strengths 0, 0.2, ..., 1.
+        fallback: keep a static figure (shown where widgets cannot run) of the edits at strengths 0, 0.2, ..., 1.
     Returns:
         A StrengthExplorer (an ipywidgets.VBox); see its attributes.
     """

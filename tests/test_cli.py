@@ -112,17 +112,6 @@ def test_sample_with_a_negative_label(run_dir, tmp_path):
     assert read_npz(steered)[1].tolist() == [3] * 6
 
 
-def test_generate_uses_guidance_and_the_negative_label(tiny_cond_unet):
-    """(The 3-step CLI model barely depends on its label yet, so this is checked on a random tiny model.)"""
-    schedule = cosine_schedule(100)
-    labels = torch.tensor([3, 3])
-    run = lambda **kw: cli.generate(tiny_cond_unet, schedule, 2, labels, sampler="ddim", steps=4, **kw)
-    plain, guided, steered = run(guidance=1.0), run(guidance=3.0), run(guidance=3.0, negative=1)
-    assert plain.shape == (2, 1, 8, 8) and plain.min() >= -1 and plain.max() <= 1
-    assert (plain - guided).abs().max() > 1e-3
-    assert (guided - steered).abs().max() > 1e-3
-
-
 @pytest.mark.parametrize("args, message", [
     (["--checkpoint", "{tmp}/no_such_run"], "No checkpoint at"),
     (["--labels", "3,10"], r"--labels must lie in [0, 10)"),
@@ -130,6 +119,7 @@ def test_generate_uses_guidance_and_the_negative_label(tiny_cond_unet):
     (["--out", "{tmp}/samples.png"], "--out must end in .npz"),
     (["--num", "0"], "--num must be at least 1"),
     (["--negative", "10"], "negative must be a class label in [0, 10)"),
+    (["--guidance", "nan"], "guidance_scale must be a finite number"),
 ])
 def test_sample_errors(run_dir, tmp_path, capsys, args, message):
     argv = sample_args(run_dir, tmp_path / "x.npz") + [a.format(tmp=tmp_path) for a in args]
@@ -172,14 +162,6 @@ def test_parse_labels():
     assert cli.parse_labels("5", 3, 10).tolist() == [5, 5, 5]
     with pytest.raises(ValueError, match="unconditional"):
         cli.parse_labels("all", 4, None)
-
-
-def test_generate_ddim_does_not_depend_on_batch_size(tiny_cond_unet):
-    schedule = cosine_schedule(30)
-    labels = torch.arange(6)
-    whole = cli.generate(tiny_cond_unet, schedule, 6, labels, sampler="ddim", steps=5, batch_size=6)
-    parts = cli.generate(tiny_cond_unet, schedule, 6, labels, sampler="ddim", steps=5, batch_size=4)
-    torch.testing.assert_close(whole, parts)
 
 
 def edit_args(run_dir, out, *extra):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from diffusion_course.guidance import ClassifierFreeGuidance, guided_eps
+from diffusion_course.guidance import ClassifierFreeGuidance, drop_cond, guided, guided_eps
 from diffusion_course.sampling import ddim_sample
 from diffusion_course.schedules import linear_schedule
 
@@ -89,15 +89,46 @@ def test_guided_model_keeps_the_contract_and_samples(tiny_cond_unet):
     assert guided.null_class == tiny_cond_unet.null_class == 10
     x_T, _, _ = inputs(2)
     cond = torch.tensor([2, 6])
-    out = ddim_sample(guided, x_T, linear_schedule(), 3, cond=cond)
-    plain = ddim_sample(tiny_cond_unet, x_T, linear_schedule(), 3, cond=cond)
+    out = ddim_sample(guided, x_T, linear_schedule(), [999, 500, 0], cond=cond)
+    plain = ddim_sample(tiny_cond_unet, x_T, linear_schedule(), [999, 500, 0], cond=cond)
     assert out.shape == x_T.shape and bool(torch.isfinite(out).all())
     assert (out - plain).abs().max() > 1e-4
 
 
 def test_unconditional_model_rejected(tiny_unet):
-    with pytest.raises(ValueError, match="needs a class-conditional model with a null class"):
+    with pytest.raises(ValueError, match="needs a conditional model with a null condition"):
         ClassifierFreeGuidance(tiny_unet, 3.0)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), "3", True])
+def test_non_finite_guidance_scale_rejected(tiny_cond_unet, scale):
+    """`sample --guidance nan` used to write all-black images and exit 0."""
+    with pytest.raises(ValueError, match="guidance_scale must be a finite number"):
+        ClassifierFreeGuidance(tiny_cond_unet, scale)
+
+
+def test_guided_wraps_only_when_there_is_something_to_do(tiny_unet, tiny_cond_unet):
+    assert guided(tiny_unet, 3.0) is tiny_unet                       # unconditional: nothing to guide
+    assert guided(tiny_cond_unet, 1.0) is tiny_cond_unet             # w = 1: the conditional model itself
+    assert isinstance(guided(tiny_cond_unet, 3.0), ClassifierFreeGuidance)
+    assert isinstance(guided(tiny_cond_unet, 1.0, negative=2), ClassifierFreeGuidance)
+    with pytest.raises(ValueError, match="negative condition needs a conditional model"):
+        guided(tiny_unet, 3.0, negative=2)
+
+
+def test_drop_cond_replaces_whole_rows_of_any_condition():
+    """Labels (B,) or embeddings (B, L, D): a dropped row is the null row, entirely."""
+    generator = torch.Generator().manual_seed(0)
+    cond, null = torch.randn(4000, 3, 2), torch.zeros(4000, 3, 2)
+    out = drop_cond(cond, null, 0.25, generator)
+    dropped = (out == 0).flatten(1).all(1)
+    kept = (out == cond).flatten(1).all(1)
+    assert bool((dropped ^ kept).all())                               # each row all dropped or all kept
+    assert abs(dropped.float().mean().item() - 0.25) < 0.03
+    with pytest.raises(ValueError, match=r"p must be a probability in \[0, 1\]"):
+        drop_cond(cond, null, 1.5)
+    with pytest.raises(ValueError, match="null_cond must have the shape of cond"):
+        drop_cond(cond, null[:2], 0.5)
 
 
 @pytest.mark.parametrize("negative", [10, -1, 11])
@@ -112,6 +143,9 @@ class LabelRecorder(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model, self.null_class, self.labels = model, model.null_class, []
+
+    def null_cond(self, batch_size, device=None):
+        return self.model.null_cond(batch_size, device)
 
     def forward(self, x_t, t, cond=None):
         self.labels.append(None if cond is None else cond.tolist())

@@ -4,11 +4,18 @@ import pytest
 import torch
 
 from diffusion_course import sampling
-from diffusion_course.sampling import (ddim_sample, ddim_step, ddpm_sample, ddpm_step, denoise, dpm_solver_sample,
-                                       dpm_solver_step, predict_eps, predict_x0, sample, timestep_sequence)
+from diffusion_course.sampling import (SamplerStep, ddim_sample, ddim_step, ddpm_sample, ddpm_step, denoise,
+                                       dpm_solver_sample, dpm_solver_step, predict_eps, predict_x0, sample,
+                                       timestep_grid, timestep_sequence)
 from diffusion_course.schedules import cosine_schedule, linear_schedule, q_sample
 
 SAMPLE_FUNCTIONS = {"ddpm": ddpm_sample, "ddim": ddim_sample, "dpm": dpm_solver_sample}
+
+
+def run_sampler(name, model, x_T, schedule, sampling_steps=None, t_start=None, **kwargs):
+    """A sampler on its default grid (timestep_grid), as sampling.sample builds it."""
+    timesteps = timestep_grid(name, schedule, sampling_steps, t_start)
+    return SAMPLE_FUNCTIONS[name](model, x_T, schedule, timesteps, **kwargs)
 
 
 class KnownX0Oracle:
@@ -70,9 +77,8 @@ def test_every_sampler_returns_x0_for_the_oracle(make_schedule, name, num_steps,
     schedule = make_schedule()
     x0 = make_x0(dtype)
     oracle = KnownX0Oracle(x0, schedule)
-    kwargs = {} if num_steps is None else {"num_steps": num_steps}
-    out = SAMPLE_FUNCTIONS[name](oracle, start_noise(dtype), schedule,
-                                 generator=torch.Generator().manual_seed(0), **kwargs)
+    out = run_sampler(name, oracle, start_noise(dtype), schedule, num_steps,
+                      generator=torch.Generator().manual_seed(0))
     assert out.dtype == dtype
     torch.testing.assert_close(out, x0, rtol=0, atol=oracle_tolerance(name, dtype))
     assert len(oracle.calls) == (num_steps or schedule.num_steps)
@@ -81,8 +87,8 @@ def test_every_sampler_returns_x0_for_the_oracle(make_schedule, name, num_steps,
 def test_ddim_with_noise_also_returns_x0_for_the_oracle():
     schedule = linear_schedule()
     x0 = make_x0(torch.float64)
-    out = ddim_sample(KnownX0Oracle(x0, schedule), start_noise(torch.float64), schedule, num_steps=30, eta=1.0,
-                      generator=torch.Generator().manual_seed(0))
+    out = ddim_sample(KnownX0Oracle(x0, schedule), start_noise(torch.float64), schedule,
+                      timestep_sequence(30, 999), eta=1.0, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(out, x0, rtol=0, atol=1e-9)
 
 
@@ -92,9 +98,9 @@ def gaussian_errors(num_steps_ddim, num_steps_dpm):
     x_T = torch.randn(8, 1, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     exact = oracle.ode_endpoint(x_T)
     # No clipping of x0_pred: these Gaussian "images" leave [-1, 1], and the test is about the ODE solvers.
-    ddim = [(ddim_sample(oracle, x_T, schedule, n, clip_x0=False) - exact).abs().max().item()
+    ddim = [(run_sampler("ddim", oracle, x_T, schedule, n, clip_x0=None) - exact).abs().max().item()
             for n in num_steps_ddim]
-    dpm = [(dpm_solver_sample(oracle, x_T, schedule, n, clip_x0=False) - exact).abs().max().item()
+    dpm = [(run_sampler("dpm", oracle, x_T, schedule, n, clip_x0=None) - exact).abs().max().item()
            for n in num_steps_dpm]
     return ddim, dpm
 
@@ -133,13 +139,28 @@ def test_denoise_clips_x0_and_keeps_eps_consistent():
     x_t = 3 * start_noise(torch.float64)
     t = torch.tensor([999, 500, 10])
     wild = lambda x, t, cond: -4 * x          # a poor model: x0 guesses far outside [-1, 1]
-    eps_raw, x0_raw = denoise(wild, x_t, t, schedule, clip_x0=False)
+    eps_raw, x0_raw = denoise(wild, x_t, t, schedule, clip_x0=None)
     assert torch.equal(eps_raw, -4 * x_t)
     torch.testing.assert_close(x0_raw, predict_x0(x_t, t, eps_raw, schedule))
     assert x0_raw.abs().max() > 1
-    eps, x0 = denoise(wild, x_t, t, schedule)           # clip_x0=True is the default
+    eps, x0 = denoise(wild, x_t, t, schedule)           # clip_x0=1.0 is the default
     torch.testing.assert_close(x0, x0_raw.clamp(-1, 1))
     torch.testing.assert_close(predict_x0(x_t, t, eps, schedule), x0, rtol=1e-6, atol=1e-6)
+    half = denoise(wild, x_t, t, schedule, clip_x0=0.5)  # another data range, e.g. latents
+    torch.testing.assert_close(half.x0_pred, x0_raw.clamp(-0.5, 0.5))
+
+
+@pytest.mark.parametrize("clip_x0", [True, 0.0, -1.0, float("nan"), float("inf"), "1"])
+def test_bad_clip_x0_rejected(clip_x0):
+    with pytest.raises(ValueError, match="clip_x0 must be the data range"):
+        ddim_sample(lambda x, t, c: x, start_noise(), linear_schedule(), clip_x0=clip_x0)
+
+
+def test_predict_x0_rejects_t_minus_one():
+    """t = -1 ("clean") has no alpha_bar in the table: it used to wrap around to the last step."""
+    x = start_noise()
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 1000\)"):
+        predict_x0(x, torch.full((3,), -1), x, linear_schedule())
 
 
 @pytest.mark.parametrize("name", ["ddpm", "ddim", "dpm"])
@@ -147,13 +168,13 @@ def test_clip_x0_keeps_the_guesses_in_range(name):
     schedule = linear_schedule()
     wild = lambda x, t, cond: -4 * x
     seen = {}
-    for clip in (True, False):
+    for clip in (1.0, None):
         guesses = []
-        SAMPLE_FUNCTIONS[name](wild, start_noise(), schedule, t_start=20, clip_x0=clip,
-                               callback=lambda i, t, x, x0: guesses.append(x0.abs().max().item()),
-                               generator=torch.Generator().manual_seed(0), **({} if name == "ddpm" else {"num_steps": 5}))
+        run_sampler(name, wild, start_noise(), schedule, None if name == "ddpm" else 5, t_start=20, clip_x0=clip,
+                    callback=lambda step: guesses.append(step.x0_pred.abs().max().item()),
+                    generator=torch.Generator().manual_seed(0))
         seen[clip] = max(guesses)
-    assert seen[True] <= 1.0 < seen[False]
+    assert seen[1.0] <= 1.0 < seen[None]
 
 
 def beta_tilde(schedule, step):
@@ -214,6 +235,28 @@ def test_ddim_step_eta_zero_ignores_noise_and_first_order_dpm_solver_equals_it()
     assert torch.equal(dpm_solver_step(x_t, t, clean, x0_pred, schedule), x0_pred)
 
 
+def test_dpm_solver_step_treats_a_clean_target_image_by_image():
+    """A batch whose t_prev mixes -1 and 5: only the -1 rows return x0_pred (it used to be all rows)."""
+    schedule = cosine_schedule()
+    generator = torch.Generator().manual_seed(0)
+    x_t, x0_pred = (torch.randn(2, 1, 4, 4, generator=generator, dtype=torch.float64) for _ in range(2))
+    t, t_prev = torch.tensor([40, 40]), torch.tensor([-1, 5])
+    mixed = dpm_solver_step(x_t, t, t_prev, x0_pred, schedule)
+    assert torch.equal(mixed[0], x0_pred[0])
+    torch.testing.assert_close(mixed[1:], dpm_solver_step(x_t[1:], t[1:], t_prev[1:], x0_pred[1:], schedule))
+    assert not torch.allclose(mixed[1], x0_pred[1])
+    previous = (x0_pred.flip(0), torch.tensor([60, 60]))      # second order too
+    second = dpm_solver_step(x_t, t, t_prev, x0_pred, schedule, previous)
+    assert torch.equal(second[0], x0_pred[0]) and bool(torch.isfinite(second).all())
+
+
+@pytest.mark.parametrize("eta", [-1.0, float("nan"), float("inf"), True])
+def test_ddim_step_rejects_bad_eta(eta):
+    x = torch.zeros(2, 1, 2, 2)
+    with pytest.raises(ValueError, match="eta must be a finite number >= 0"):
+        ddim_step(x, torch.tensor([5, 5]), torch.tensor([3, 3]), x, linear_schedule(), eta=eta)
+
+
 @pytest.mark.parametrize("t_prev", [torch.tensor([5, 5]), torch.tensor([6, 3]), torch.tensor([-2, 3]),
                                     torch.tensor([3])])
 def test_ddim_step_rejects_bad_t_prev(t_prev):
@@ -233,20 +276,19 @@ def test_ddim_step_on_an_empty_batch_returns_an_empty_batch():
 def test_ddim_eta_zero_is_deterministic(tiny_unet):
     schedule = linear_schedule()
     x_T = start_noise(shape=(2, 1, 8, 8))
-    first = ddim_sample(tiny_unet, x_T, schedule, 5, generator=torch.Generator().manual_seed(0))
-    second = ddim_sample(tiny_unet, x_T, schedule, 5, generator=torch.Generator().manual_seed(1))
-    third = ddim_sample(tiny_unet, x_T, schedule, 5)
+    first = run_sampler("ddim", tiny_unet, x_T, schedule, 5, generator=torch.Generator().manual_seed(0))
+    second = run_sampler("ddim", tiny_unet, x_T, schedule, 5, generator=torch.Generator().manual_seed(1))
+    third = run_sampler("ddim", tiny_unet, x_T, schedule, 5)
     assert torch.equal(first, second) and torch.equal(first, third)
 
 
-@pytest.mark.parametrize("name, kwargs", [("ddim", {"num_steps": 5, "eta": 0.5}), ("ddpm", {"t_start": 15})])
+@pytest.mark.parametrize("name, kwargs", [("ddim", {"sampling_steps": 5, "eta": 0.5}), ("ddpm", {"t_start": 15})])
 def test_stochastic_samplers_follow_the_seed(tiny_unet, name, kwargs):
     schedule = linear_schedule()
     x_T = start_noise(shape=(2, 1, 8, 8))
 
     def run(seed):
-        return SAMPLE_FUNCTIONS[name](tiny_unet, x_T, schedule, generator=torch.Generator().manual_seed(seed),
-                                      **kwargs)
+        return run_sampler(name, tiny_unet, x_T, schedule, generator=torch.Generator().manual_seed(seed), **kwargs)
 
     first, again, other = run(0), run(0), run(1)
     assert torch.equal(first, again)
@@ -256,49 +298,47 @@ def test_stochastic_samplers_follow_the_seed(tiny_unet, name, kwargs):
 def test_dpm_solver_ignores_the_generator(tiny_unet):
     schedule = cosine_schedule()
     x_T = start_noise(shape=(2, 1, 8, 8))
-    assert torch.equal(dpm_solver_sample(tiny_unet, x_T, schedule, 4, generator=torch.Generator().manual_seed(0)),
-                       dpm_solver_sample(tiny_unet, x_T, schedule, 4, generator=torch.Generator().manual_seed(9)))
+    assert torch.equal(run_sampler("dpm", tiny_unet, x_T, schedule, 4, generator=torch.Generator().manual_seed(0)),
+                       run_sampler("dpm", tiny_unet, x_T, schedule, 4, generator=torch.Generator().manual_seed(9)))
 
 
 def test_samplers_pass_the_condition(tiny_cond_unet):
     schedule = linear_schedule()
     x_T = start_noise(shape=(2, 1, 8, 8))
-    a = ddim_sample(tiny_cond_unet, x_T, schedule, 3, cond=torch.tensor([1, 1]))
-    b = ddim_sample(tiny_cond_unet, x_T, schedule, 3, cond=torch.tensor([7, 7]))
+    a = run_sampler("ddim", tiny_cond_unet, x_T, schedule, 3, cond=torch.tensor([1, 1]))
+    b = run_sampler("ddim", tiny_cond_unet, x_T, schedule, 3, cond=torch.tensor([7, 7]))
     assert (a - b).abs().max() > 1e-4
 
 
-# --- callback and t_start ----------------------------------------------------------------------
+# --- callback and the timesteps to visit ------------------------------------------------------
 
 @pytest.mark.parametrize("name, num_steps", [("ddpm", None), ("ddim", 4), ("dpm", 4)])
-def test_callback_is_called_once_per_step_and_can_replace_x_t(name, num_steps):
+def test_callback_gets_one_consistent_record_per_step_and_can_replace_x_prev(name, num_steps):
     schedule = linear_schedule()
     x0 = make_x0(torch.float64)
     oracle = KnownX0Oracle(x0, schedule)
-    t_start = 9
-    calls = []
+    records = []
     replacement = torch.full_like(x0, 0.25)
 
-    def callback(i, t, x_t, x0_pred):
-        calls.append((i, t, x_t.clone(), x0_pred.clone()))
-        return replacement if i == 1 else None
+    def callback(step):
+        records.append(step)
+        return replacement if step.i == 1 else None
 
-    kwargs = {} if num_steps is None else {"num_steps": num_steps}
-    out = SAMPLE_FUNCTIONS[name](oracle, start_noise(torch.float64), schedule, t_start=t_start,
-                                 callback=callback, generator=torch.Generator().manual_seed(0), **kwargs)
-    expected_steps = (list(range(t_start, -1, -1)) if name == "ddpm" else
-                      timestep_sequence(num_steps, t_start, "quadratic" if name == "dpm" else "linear"))
-    assert [c[0] for c in calls] == list(range(len(expected_steps)))
-    # t is the timestep the new x_t is at: the next one in the sequence, -1 once it is clean.
-    assert [c[1] for c in calls] == expected_steps[1:] + [-1]
-    assert all(isinstance(c[1], int) for c in calls)
-    for _, _, x_t, x0_pred in calls:                  # the oracle's guess of x0 is x0 itself
-        assert x_t.shape == x0.shape
-        torch.testing.assert_close(x0_pred, x0, rtol=0, atol=1e-8)
+    timesteps = timestep_grid(name, schedule, num_steps, t_start=9)
+    out = SAMPLE_FUNCTIONS[name](oracle, start_noise(torch.float64), schedule, timesteps,
+                                 callback=callback, generator=torch.Generator().manual_seed(0))
+    assert all(isinstance(r, SamplerStep) for r in records)
+    assert [r.i for r in records] == list(range(len(timesteps)))
+    # t is where x_t (what the model saw) is; t_prev where x_prev (the step's result) is, -1 once clean.
+    assert [r.t for r in records] == timesteps
+    assert [r.t_prev for r in records] == timesteps[1:] + [-1]
+    assert all(isinstance(r.t, int) and isinstance(r.t_prev, int) for r in records)
+    for r, (x_seen, t_seen) in zip(records, oracle.calls):    # x_t and t are what the model got
+        assert torch.equal(r.x_t, x_seen) and int(t_seen[0]) == r.t
+        torch.testing.assert_close(r.x0_pred, x0, rtol=0, atol=1e-8)   # the oracle's guess is x0 itself
     # The tensor returned at step i = 1 is what the model sees at step i = 2.
-    assert torch.equal(oracle.calls[2][0], replacement)
-    assert [int(c[1][0]) for c in oracle.calls] == expected_steps
-    torch.testing.assert_close(out, calls[-1][2])     # the last x_t is the output
+    assert torch.equal(oracle.calls[2][0], replacement) and torch.equal(records[2].x_t, replacement)
+    torch.testing.assert_close(out, records[-1].x_prev)          # the last x_prev is the output
     torch.testing.assert_close(out, x0, rtol=0, atol=oracle_tolerance(name))
 
 
@@ -306,39 +346,48 @@ def test_callback_result_on_the_last_step_is_the_output():
     schedule = linear_schedule()
     x0 = make_x0()
     marker = torch.full_like(x0, -0.5)
-    out = ddim_sample(KnownX0Oracle(x0, schedule), start_noise(), schedule, 3,
-                      callback=lambda i, t, x_t, x0_pred: marker if i == 2 else None)
+    out = ddim_sample(KnownX0Oracle(x0, schedule), start_noise(), schedule, [999, 500, 0],
+                      callback=lambda step: marker if step.i == 2 else None)
     assert torch.equal(out, marker)
 
 
 @pytest.mark.parametrize("name, num_steps", [("ddpm", None), ("ddim", 6), ("dpm", 6)])
-def test_t_start_begins_partway(name, num_steps):
+def test_timesteps_starting_partway(name, num_steps):
+    """img2img's case: the grid starts at t_start; the samplers need no t_start of their own."""
     schedule = cosine_schedule()
     x0 = make_x0(torch.float64)
     t_start = 300
     x_start = q_sample(x0, torch.full((3,), t_start), schedule, start_noise(torch.float64))
     oracle = KnownX0Oracle(x0, schedule)
-    kwargs = {} if num_steps is None else {"num_steps": num_steps}
-    out = SAMPLE_FUNCTIONS[name](oracle, x_start, schedule, t_start=t_start,
-                                 generator=torch.Generator().manual_seed(0), **kwargs)
-    first_t = oracle.calls[0][1]
-    assert torch.equal(first_t, torch.full((3,), t_start))
+    out = run_sampler(name, oracle, x_start, schedule, num_steps, t_start=t_start,
+                      generator=torch.Generator().manual_seed(0))
+    assert torch.equal(oracle.calls[0][1], torch.full((3,), t_start))
     assert len(oracle.calls) == (num_steps or t_start + 1)
     assert int(oracle.calls[-1][1][0]) == 0
     torch.testing.assert_close(out, x0, rtol=0, atol=oracle_tolerance(name))
 
 
-@pytest.mark.parametrize("t_start", [-1, 1000])
+@pytest.mark.parametrize("t_start", [-1, 1000, 2.5, True])
 def test_t_start_out_of_range_rejected(t_start):
-    schedule = linear_schedule()
-    with pytest.raises(ValueError, match=r"t_start must lie in \[0, 1000\)"):
-        ddim_sample(KnownX0Oracle(make_x0(), schedule), start_noise(), schedule, 5, t_start=t_start)
+    with pytest.raises(ValueError, match=r"t_start must be an integer in \[0, 1000\)"):
+        timestep_grid("ddim", linear_schedule(), 5, t_start=t_start)
+
+
+@pytest.mark.parametrize("timesteps", [[], [5, 5, 0], [3, 7, 0], [1000, 0], [5, -1], [5.0, 0], "50"])
+def test_bad_timesteps_rejected(timesteps):
+    with pytest.raises(ValueError, match="timesteps must be a non-empty, strictly decreasing list"):
+        ddim_sample(lambda x, t, c: x, start_noise(), linear_schedule(), timesteps)
+
+
+def test_ddpm_cannot_skip_steps():
+    with pytest.raises(ValueError, match="DDPM takes every step down to 0"):
+        ddpm_sample(lambda x, t, c: x, start_noise(), linear_schedule(), [10, 5, 0])
 
 
 def test_x_T_must_be_a_batch_of_images():
     schedule = linear_schedule()
-    with pytest.raises(ValueError, match=r"x_T must be a \(B, C, H, W\) batch"):
-        ddim_sample(lambda x, t, c: x, torch.zeros(1, 6, 6), schedule, 5)
+    with pytest.raises(ValueError, match=r"x_T must be a \(B, C, H, W\) tensor"):
+        ddim_sample(lambda x, t, c: x, torch.zeros(1, 6, 6), schedule)
 
 
 # --- sample() and timestep_sequence ----------------------------------------------------------
@@ -348,7 +397,7 @@ def test_sample_dispatches_to_each_sampler():
     x0 = make_x0(torch.float64)
     for name, num_steps in [("ddim", 7), ("dpm", 7), ("ddpm", None), ("ddpm", 1000)]:
         oracle = KnownX0Oracle(x0, schedule)
-        out = sample(oracle, start_noise(torch.float64), schedule, name, num_steps)
+        out = sample(oracle, start_noise(torch.float64), schedule, sampler=name, sampling_steps=num_steps)
         assert len(oracle.calls) == (num_steps or 1000)
         torch.testing.assert_close(out, x0, rtol=0, atol=oracle_tolerance(name))
     assert set(sampling.SAMPLERS) == {"ddpm", "ddim", "dpm"}
@@ -356,14 +405,14 @@ def test_sample_dispatches_to_each_sampler():
 
 def test_sample_rejects_unknown_sampler():
     with pytest.raises(ValueError, match=r"Unknown sampler 'euler'; expected one of \['ddim', 'ddpm', 'dpm'\]"):
-        sample(lambda x, t, c: x, start_noise(), linear_schedule(), "euler")
+        sample(lambda x, t, c: x, start_noise(), linear_schedule(), sampler="euler")
 
 
 def test_sample_rejects_a_ddpm_step_count_that_is_not_every_step():
-    with pytest.raises(ValueError, match=r"DDPM takes every step \(1000 here\); use sampler='ddim' or 'dpm'"):
-        sample(lambda x, t, c: x, start_noise(), linear_schedule(), "ddpm", 50)
+    with pytest.raises(ValueError, match=r"DDPM takes every step \(1000 here\); use sampler 'ddim' or 'dpm'"):
+        sample(lambda x, t, c: x, start_noise(), linear_schedule(), sampler="ddpm", sampling_steps=50)
     with pytest.raises(ValueError, match=r"DDPM takes every step \(11 here\)"):
-        sample(lambda x, t, c: x, start_noise(), linear_schedule(), "ddpm", 10, t_start=10)
+        sample(lambda x, t, c: x, start_noise(), linear_schedule(), sampler="ddpm", sampling_steps=10, t_start=10)
 
 
 @pytest.mark.parametrize("spacing", ["linear", "quadratic"])
@@ -385,17 +434,17 @@ def test_timestep_sequence_spacing():
     assert gaps == sorted(gaps, reverse=True)          # quadratic: denser near t = 0
 
 
-@pytest.mark.parametrize("num_steps", [0, 12, 2.0])
+@pytest.mark.parametrize("num_steps", [0, 12, 2.0, True])
 def test_timestep_sequence_rejects_bad_counts(num_steps):
-    with pytest.raises(ValueError, match=r"num_steps must be an integer from 1 to 11"):
+    with pytest.raises(ValueError, match=r"the number of sampling steps must be an integer from 1 to 11"):
         timestep_sequence(num_steps, 10)
 
 
 # --- golden number ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("clip_x0, golden_sum, golden_mean_abs", [
-    (True, 6.90809, 0.967383),      # the default: x0_pred clamped to [-1, 1] at every step
-    (False, 3936.3806, 142.54103),  # raw: the untrained model's noise guesses are amplified by up to
+    (1.0, 6.90809, 0.967383),       # the default: x0_pred clamped to [-1, 1] at every step
+    (None, 3936.3806, 142.54103),  # raw: the untrained model's noise guesses are amplified by up to
                                     # 1 / sqrt(alpha_bar) ~ 156 at t = 999, hence the large values
 ])
 def test_golden_ddim_loop(tiny_unet, clip_x0, golden_sum, golden_mean_abs):
@@ -411,7 +460,7 @@ def test_golden_ddim_loop(tiny_unet, clip_x0, golden_sum, golden_mean_abs):
     """
     schedule = linear_schedule()
     x_T = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    out = ddim_sample(tiny_unet, x_T, schedule, num_steps=10, clip_x0=clip_x0,
+    out = ddim_sample(tiny_unet, x_T, schedule, timestep_sequence(10, 999), clip_x0=clip_x0,
                       generator=torch.Generator().manual_seed(0))
     assert out.sum().item() == pytest.approx(golden_sum, rel=1e-4)
     assert out.abs().mean().item() == pytest.approx(golden_mean_abs, rel=1e-4)

@@ -1,0 +1,105 @@
+"""Making images: the one function that the command line, the widgets, the benchmarks and the
+lessons all call (ring 2: it runs the samplers of lesson 04 with the guidance of lesson 05).
+
+    images = generate.generate(model, schedule, num=100, shape=(1, 28, 28), cond=labels,
+                               guidance_scale=3.0, sampler="dpm", sampling_steps=20, seed=0)
+
+What it takes care of, so no caller writes it again:
+- the seed: the starting noise of all `num` images is drawn first from one generator, so DDIM
+  and DPM-Solver++ (deterministic from there) give the same images whatever the batch size;
+  DDPM's per-step noise depends on the batching;
+- batching (`batch_size` images per sampler call) and an optional progress bar;
+- guidance: the model is wrapped with `guidance.guided`, which leaves an unconditional model
+  (or w = 1 without a negative condition) as it is;
+- the DDPM rule: DDPM visits every step, so `sampling_steps` counts only for DDIM and DPM-Solver++;
+- the device, and channels-last activations on a CPU (the order oneDNN's convolutions run
+  fastest on; the same images up to float rounding; benchmarks/sample_speed.py measures it);
+- an optional `decode` step (latent diffusion decodes latents into images);
+- no silent failure: NaN or infinite samples raise an error instead of becoming black images.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from . import sampling
+from .guidance import guided
+from .schedules import NoiseSchedule
+
+
+def generate(model, schedule: NoiseSchedule, **options) -> Tensor:
+    """All the images of `generate_batches(model, schedule, **options)` in one (num, C, H, W) tensor."""
+    return torch.cat([images for _, images in generate_batches(model, schedule, **options)])
+
+
+def generate_batches(model, schedule: NoiseSchedule, *, num: int, shape: tuple, cond: Tensor | None = None,
+                     guidance_scale: float = 1.0, negative: int | Tensor | None = None, sampler: str = "dpm",
+                     sampling_steps: int | None = None, seed: int = 0, batch_size: int = 100,
+                     device: str | torch.device = "cpu", decode: Callable[[Tensor], Tensor] | None = None,
+                     clip_x0: float | None = 1.0, progress: bool = False) -> Iterator[tuple[int, Tensor]]:
+    """Sample `num` images, `batch_size` at a time; yields (index of the first image, images).
+
+    Args:
+        shape: (C, H, W) of what the model denoises (pixels, or latents when `decode` is given).
+        cond: (num,) labels (or (num, ...) conditions), or None for unconditional samples.
+        guidance_scale: classifier-free guidance w (1: none); negative: a condition to steer away from.
+        sampler: "ddpm", "ddim" or "dpm"; sampling_steps: model calls (None: the sampler's default).
+        decode: maps the sampler's output to images (e.g. an autoencoder's decoder).
+        clip_x0: the data range the sampler clamps its x0 guesses to (None for latents).
+    Yields:
+        (start, images): images (B, C, H, W) on `device`, clamped to [-1, 1] (or to clip_x0 when
+        there is no decode step).
+    """
+    _check_options(num, shape, cond, guidance_scale, seed, batch_size)
+    generator = torch.Generator(device).manual_seed(seed)
+    x_T = torch.randn(num, *shape, generator=generator, device=device)
+    cond = None if cond is None else cond.to(device)
+    model = guided(model, guidance_scale, negative)
+    timesteps = sampling.timestep_grid(sampler, schedule, None if sampler == "ddpm" else sampling_steps)
+    with _fast_layout(model, device), torch.no_grad():
+        for start in tqdm(range(0, num, batch_size), disable=not progress, desc="sampling", unit="batch"):
+            part = slice(start, start + batch_size)
+            x = sampling.SAMPLERS[sampler](model, x_T[part], schedule, timesteps, generator=generator,
+                                           cond=None if cond is None else cond[part], clip_x0=clip_x0)
+            yield start, _finish(x if decode is None else decode(x), 1.0 if decode is not None else clip_x0)
+
+
+def _finish(images: Tensor, clamp: float | None) -> Tensor:
+    if not bool(torch.isfinite(images).all()):
+        raise FloatingPointError("The samples contain NaN or infinite values (a diverged model, or a "
+                                 "non-finite setting); nothing was written.")
+    return images if clamp is None else images.clamp(-clamp, clamp)
+
+
+def _check_options(num, shape, cond, guidance_scale, seed, batch_size) -> None:
+    for name, value, low in (("num", num, 1), ("batch_size", batch_size, 1), ("seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be a whole number of at least {low}, got {value!r}.")
+    if not (isinstance(shape, (tuple, list, torch.Size)) and len(shape) == 3
+            and all(isinstance(s, int) and s > 0 for s in shape)):
+        raise ValueError(f"shape must be (C, H, W) with positive whole numbers, got {shape!r}.")
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
+            or not math.isfinite(guidance_scale):
+        raise ValueError(f"guidance_scale must be a finite number (1: no guidance), got {guidance_scale!r}.")
+    if cond is not None and (not isinstance(cond, Tensor) or cond.ndim == 0 or cond.shape[0] != num):
+        raise ValueError(f"cond must be a tensor with one condition per image ({num}), "
+                         f"got {getattr(cond, 'shape', type(cond).__name__)}.")
+
+
+@contextlib.contextmanager
+def _fast_layout(model, device):
+    """Channels-last weights (hence activations) while sampling on a CPU; restored afterwards."""
+    if not isinstance(model, nn.Module) or torch.device(device).type != "cpu":
+        yield
+        return
+    model.to(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        model.to(memory_format=torch.contiguous_format)
