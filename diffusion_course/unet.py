@@ -33,6 +33,17 @@ class UNetConfig:
     num_classes: int | None = None       # None: unconditional; else labels 0..num_classes-1 plus a null class
     dropout: float = 0.0                 # dropout inside residual blocks
 
+    def __post_init__(self):
+        for name in ("in_channels", "image_size", "base_channels", "num_res_blocks"):
+            _check_whole(name, getattr(self, name), 1)
+        if self.num_classes is not None:
+            _check_whole("num_classes", self.num_classes, 1, " (or None for an unconditional model)")
+        if not self.channel_mults or any(isinstance(m, bool) or not isinstance(m, int) or m < 1
+                                         for m in self.channel_mults):
+            raise ValueError(f"channel_mults must be a non-empty list of whole numbers >= 1, got {self.channel_mults!r}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout!r}.")
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["channel_mults"] = list(self.channel_mults)
@@ -48,6 +59,11 @@ class UNetConfig:
         if "channel_mults" in d:
             d["channel_mults"] = tuple(d["channel_mults"])
         return cls(**d)
+
+
+def _check_whole(name: str, value, low: int, note: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be a whole number of at least {low}{note}, got {value!r}.")
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -132,41 +148,48 @@ class UNet(nn.Module):
 
         self.conv_in = nn.Conv2d(config.in_channels, base, 3, padding=1)
         channels = [base * m for m in config.channel_mults]
-        self.down = nn.ModuleList()
-        self.downsample = nn.ModuleList()
-        skip_channels = [base]
-        ch = base
-        for level, out_ch in enumerate(channels):
-            blocks = nn.ModuleList()
-            for _ in range(config.num_res_blocks):
-                blocks.append(ResBlock(ch, out_ch, emb_dim, config.dropout))
-                ch = out_ch
-                skip_channels.append(ch)
-            self.down.append(blocks)
-            last = level == levels - 1
-            self.downsample.append(nn.Identity() if last else nn.Conv2d(ch, ch, 3, stride=2, padding=1))
-            if not last:
-                skip_channels.append(ch)
-
+        skip_channels, ch = self._build_down(base, channels, emb_dim)
         self.mid1 = ResBlock(ch, ch, emb_dim, config.dropout)
         self.mid_attn = SelfAttention(ch)
         self.mid2 = ResBlock(ch, ch, emb_dim, config.dropout)
+        ch = self._build_up(channels, skip_channels, ch, emb_dim)
+        self.norm_out = group_norm(ch)
+        self.conv_out = nn.Conv2d(ch, config.in_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)   # start by predicting zero noise: a calm first step
+        nn.init.zeros_(self.conv_out.bias)
 
-        self.up = nn.ModuleList()
-        self.upsample = nn.ModuleList()
+    def _build_down(self, base: int, channels: list[int], emb_dim: int) -> tuple[list[int], int]:
+        """The encoder: per level, residual blocks then a stride-2 convolution (not after the last).
+        Returns the channel count of every skip connection and the channels at the bottom."""
+        self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
+        skip_channels, ch = [base], base
+        for level, out_ch in enumerate(channels):
+            blocks = nn.ModuleList()
+            for _ in range(self.config.num_res_blocks):
+                blocks.append(ResBlock(ch, out_ch, emb_dim, self.config.dropout))
+                ch = out_ch
+                skip_channels.append(ch)
+            self.down.append(blocks)
+            last = level == len(channels) - 1
+            self.downsample.append(nn.Identity() if last else nn.Conv2d(ch, ch, 3, stride=2, padding=1))
+            if not last:
+                skip_channels.append(ch)
+        return skip_channels, ch
+
+    def _build_up(self, channels: list[int], skip_channels: list[int], ch: int, emb_dim: int) -> int:
+        """The decoder: per level, one more residual block than on the way down, each taking a skip
+        connection, then a 2x nearest upsampling and a convolution. Returns the output channels."""
+        self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
         for level, out_ch in reversed(list(enumerate(channels))):
             blocks = nn.ModuleList()
-            for _ in range(config.num_res_blocks + 1):
-                blocks.append(ResBlock(ch + skip_channels.pop(), out_ch, emb_dim, config.dropout))
+            for _ in range(self.config.num_res_blocks + 1):
+                blocks.append(ResBlock(ch + skip_channels.pop(), out_ch, emb_dim, self.config.dropout))
                 ch = out_ch
             self.up.append(blocks)
             self.upsample.append(nn.Identity() if level == 0 else
                                  nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
                                                nn.Conv2d(ch, ch, 3, padding=1)))
-        self.norm_out = group_norm(ch)
-        self.conv_out = nn.Conv2d(ch, config.in_channels, 3, padding=1)
-        nn.init.zeros_(self.conv_out.weight)   # start by predicting zero noise: a calm first step
-        nn.init.zeros_(self.conv_out.bias)
+        return ch
 
     @property
     def null_class(self) -> int | None:

@@ -199,6 +199,21 @@ def test_config_rejects_unknown_fields():
         UNetConfig.from_dict({"base_chanels": 8})
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("num_classes", 0, "num_classes must be a whole number of at least 1 .or None"),
+    ("num_classes", 2.5, "num_classes must be a whole number"),
+    ("base_channels", 0, "base_channels must be a whole number of at least 1"),
+    ("in_channels", True, "in_channels must be a whole number"),
+    ("channel_mults", (), "channel_mults must be a non-empty list"),
+    ("channel_mults", (1, 0), "channel_mults must be a non-empty list"),
+    ("dropout", 1.0, r"dropout must lie in \[0, 1\)"),
+])
+def test_config_rejects_inconsistent_values(field, value, message):
+    """UNetConfig(num_classes=0) used to build a model whose only label was the null class."""
+    with pytest.raises(ValueError, match=message):
+        UNetConfig(**{field: value})
+
+
 def test_config_is_frozen():
     with pytest.raises(Exception):
         UNetConfig().base_channels = 32
