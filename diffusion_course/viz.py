@@ -218,7 +218,10 @@ def plot_losses(losses: Sequence[float], ax=None, window: int = 50, title: str =
     width = max(1, min(window, len(values) // 2))
     if len(values) >= 2:
         smooth = np.convolve(values, np.ones(width) / width, mode="valid")
-        ax.plot(steps[width - 1:], smooth, color="tab:blue", linewidth=2, label=f"mean of {width} steps")
+        # Each mean is drawn at the middle of its window, so the line runs through the raw curve
+        # instead of trailing it (a mean drawn at the window's end sits above a falling loss).
+        middle = steps[:len(smooth)] + (width - 1) / 2
+        ax.plot(middle, smooth, color="tab:blue", linewidth=2, label=f"mean of {width} steps")
         ax.legend(loc="upper right", fontsize=8)
     ax.set(xlabel="training step", ylabel="loss (log scale)", yscale="log", title=title)
     _plain_log_ticks(ax)

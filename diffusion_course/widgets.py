@@ -177,8 +177,9 @@ class TimestepExplorer(StaticCopy, ipywidgets.VBox):
             for artist, pixels in zip(self._artists["images"][schedule.name], viz.to_numpy_images(x_t)):
                 artist.set_data(pixels)
             alpha_bar_t = float(schedule.alpha_bar[t])
+            snr_t = alpha_bar_t / max(1 - alpha_bar_t, 1e-12)          # signal-to-noise ratio, lesson 01
             self._artists["titles"][schedule.name].set_text(f"{schedule.name}: " + r"$\bar\alpha_t$"
-                                                            + f" = {alpha_bar_t:.3f}")
+                                                            + f" = {alpha_bar_t:.3f}, SNR = {snr_t:.3g}")
             self._artists["markers"][schedule.name].set_data([t], [alpha_bar_t])
         self._artists["line"].set_xdata([t, t])
 
