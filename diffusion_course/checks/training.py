@@ -33,7 +33,7 @@ HINTS = {
     "train_step": (
         "One training step is: measure how wrong the model is on this batch, find which way each weight "
         "should move, move it. What must be cleared first so that one step's gradients do not add up "
-        "with the last step's, and what should the function return so no graph stays alive?",
+        "with the last step's, and what should the function give back so that no graph stays alive?",
         "Algorithm 1 of DDPM (lesson 03, section 3), step 3: one gradient step on the loss. The loss is "
         "the loss function applied to the model and the batch (with the condition passed on by name); "
         "the gradient norm is clipped to grad_clip when grad_clip is set.",
