@@ -5,6 +5,8 @@ References: editing.img2img_start and editing.inpaint_step (t is a (B,) int64 te
 
 from __future__ import annotations
 
+import functools
+
 import math
 
 import torch
@@ -127,39 +129,45 @@ def check_inpaint_step(fn):
         got = _inpaint_call(fn, t, x_t, x_known, mask, schedule, noise)
         clean = (t == -1).view(-1, 1, 1, 1)
 
-        def replaced(steps, schedule=schedule, inverted=False):
-            """x_t with the known pixels noised to `steps` put back (clean rows: x_known itself)."""
-            known_t = torch.where(clean, x_known, schedules.q_sample(x_known, steps.clamp(0, T - 1), schedule, noise))
-            keep = 1 - mask if inverted else mask
-            return keep * x_t + (1 - keep) * known_t
-
-        def diagnose():
-            mistakes = {}
-            if clean.any() and not clean.all():
-                mistakes["only the rows whose t is -1 get the known pixels without noise; the other rows "
-                          "noise them to their own t."] = mask * x_t + (1 - mask) * x_known
-            if not clean.any():
-                mistakes["every image got the step of the first one: t holds one step per image."] = \
-                    replaced(t[:1].expand_as(t))
-            mistakes.update({
-                "the mask is inverted: 1 marks the pixels to generate (keep x_t there), 0 the known pixels.":
-                    replaced(t, inverted=True),
-                "the known pixels are put back clean, but x_t is noisy: noise them to step t first (q_sample), "
-                "so they match the rest of the image.": mask * x_t + (1 - mask) * x_known,
-                "the known pixels are missing from the result.": mask * x_t,
-                "t = -1 means the clean image (after the last step), not alpha_bar[-1], the last step of the "
-                "schedule.": mask * x_t + (1 - mask) * schedules.q_sample(
-                    x_known, torch.where(t < 0, T - 1, t), schedule, noise),
-                "the known pixels are noised with alpha_t rather than alpha_bar_t (the cumulative product).":
-                    replaced(t, _schedule_with(schedule, alpha_bar=schedule.alpha)),
-                "looks like t is off by one: the known pixels are noised to step t + 1, the sample is at t.":
-                    replaced(t + 1),
-                "looks like t is off by one: the known pixels are noised to step t - 1, the sample is at t.":
-                    replaced(t - 1),
-            })
-            return _first_match(got, mistakes) or _ignores_argument(
-                lambda *args: _inpaint_call(fn, t, *args), got, "noise", x_t, x_known, mask, schedule, noise)
-
+        diagnose = functools.partial(_inpaint_mistakes, fn, got, t, x_t, x_known, mask, schedule, noise)
         _compare(got, want, diagnose)
     return ("your inpainting step keeps the generated pixels and puts back the known ones, noised to each "
             "image's step t (and clean where t = -1).")
+
+
+def _inpaint_mistakes(fn, got, t, x_t, x_known, mask, schedule, noise) -> str | None:
+    """The usual inpainting-step mistakes, each computed for this batch; the first that matches."""
+    T = schedule.num_steps
+    clean = (t == -1).view(-1, 1, 1, 1)
+
+    def replaced(steps, schedule=schedule, inverted=False):
+        """x_t with the known pixels noised to `steps` put back (clean rows: x_known itself)."""
+        known_t = torch.where(clean, x_known, schedules.q_sample(x_known, steps.clamp(0, T - 1), schedule, noise))
+        keep = 1 - mask if inverted else mask
+        return keep * x_t + (1 - keep) * known_t
+
+    mistakes = {}
+    if clean.any() and not clean.all():
+        mistakes["only the rows whose t is -1 get the known pixels without noise; the other rows "
+                  "noise them to their own t."] = mask * x_t + (1 - mask) * x_known
+    if not clean.any():
+        mistakes["every image got the step of the first one: t holds one step per image."] = \
+            replaced(t[:1].expand_as(t))
+    mistakes.update({
+        "the mask is inverted: 1 marks the pixels to generate (keep x_t there), 0 the known pixels.":
+            replaced(t, inverted=True),
+        "the known pixels are put back clean, but x_t is noisy: noise them to step t first (q_sample), "
+        "so they match the rest of the image.": mask * x_t + (1 - mask) * x_known,
+        "the known pixels are missing from the result.": mask * x_t,
+        "t = -1 means the clean image (after the last step), not alpha_bar[-1], the last step of the "
+        "schedule.": mask * x_t + (1 - mask) * schedules.q_sample(
+            x_known, torch.where(t < 0, T - 1, t), schedule, noise),
+        "the known pixels are noised with alpha_t rather than alpha_bar_t (the cumulative product).":
+            replaced(t, _schedule_with(schedule, alpha_bar=schedule.alpha)),
+        "looks like t is off by one: the known pixels are noised to step t + 1, the sample is at t.":
+            replaced(t + 1),
+        "looks like t is off by one: the known pixels are noised to step t - 1, the sample is at t.":
+            replaced(t - 1),
+    })
+    return _first_match(got, mistakes) or _ignores_argument(
+        lambda *args: _inpaint_call(fn, t, *args), got, "noise", x_t, x_known, mask, schedule, noise)

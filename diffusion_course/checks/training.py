@@ -116,7 +116,13 @@ def check_diffusion_loss(fn):
     if not got.requires_grad:
         raise _Wrong("your loss has no gradient: do not compute it under torch.no_grad() or detach it.")
 
-    # t=None and noise=None: look at what the model was given.
+    _check_drawn_t_and_noise(fn, model, schedule)
+    return "your diffusion loss matches the reference."
+
+
+def _check_drawn_t_and_noise(fn, model, schedule) -> None:
+    """With t=None and noise=None, look at what the model was given: one valid random step per
+    image, and standard normal noise."""
     recorder = _Recorder(model)
     x0 = torch.rand(64, 1, 8, 8) * 2 - 1
     _call(fn, recorder, x0, schedule)
@@ -132,7 +138,6 @@ def check_diffusion_loss(fn):
     problem = _noise_problem(_recover_noise(x_t, x0, t, schedule))
     if problem:
         raise _Wrong(problem + " (This is the case noise=None.)")
-    return "your diffusion loss matches the reference."
 
 
 
