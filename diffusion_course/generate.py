@@ -8,7 +8,8 @@ What it takes care of, so no caller writes it again:
 - the seed: the starting noise of all `num` images is drawn first from one generator, so DDIM
   and DPM-Solver++ (deterministic from there) give the same images whatever the batch size;
   DDPM's per-step noise depends on the batching;
-- batching (`batch_size` images per sampler call) and an optional progress bar;
+- batching (`batch_size` images per sampler call) and an optional progress bar (one tick per
+  sampler step of each batch, so a long DDPM run shows that it is moving);
 - guidance: the model is wrapped with `guidance.guided`, which leaves an unconditional model
   (or w = 1 without a negative condition) as it is;
 - the DDPM rule: DDPM visits every step, so `sampling_steps` counts only for DDIM and DPM-Solver++;
@@ -62,11 +63,14 @@ def generate_batches(model, schedule: NoiseSchedule, *, num: int, shape: tuple, 
     cond = None if cond is None else cond.to(device)
     model = guided(model, guidance_scale, negative)
     timesteps = sampling.timestep_grid(sampler, schedule, None if sampler == "ddpm" else sampling_steps)
-    with _fast_layout(model, device), torch.no_grad():
-        for start in tqdm(range(0, num, batch_size), disable=not progress, desc="sampling", unit="batch"):
+    bar = tqdm(total=len(range(0, num, batch_size)) * len(timesteps), disable=not progress, unit="step",
+               desc=f"sampling {num} with {sampler}")
+    with _fast_layout(model, device), torch.no_grad(), bar:
+        for start in range(0, num, batch_size):
             part = slice(start, start + batch_size)
             x = sampling.SAMPLERS[sampler](model, x_T[part], schedule, timesteps, generator=generator,
-                                           cond=None if cond is None else cond[part], clip_x0=clip_x0)
+                                           cond=None if cond is None else cond[part], clip_x0=clip_x0,
+                                           callback=lambda step: bar.update(1))
             yield start, _finish(x if decode is None else decode(x), 1.0 if decode is not None else clip_x0)
 
 

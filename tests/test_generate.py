@@ -91,3 +91,9 @@ def test_non_finite_samples_raise_instead_of_becoming_black_images(tiny_unet):
     broken = lambda x, t, cond=None: torch.full_like(x, float("nan"))
     with pytest.raises(FloatingPointError, match="NaN or infinite"):
         generate(broken, cosine_schedule(30), num=2, shape=(1, 8, 8), sampler="ddim", sampling_steps=2)
+
+
+def test_progress_bar_ticks_once_per_sampler_step_of_each_batch(tiny_unet, capsys):
+    generate(tiny_unet, cosine_schedule(30), num=3, shape=(1, 8, 8), sampler="ddim", sampling_steps=4,
+             batch_size=2, progress=True)
+    assert "8/8" in capsys.readouterr().err                       # 2 batches x 4 steps
