@@ -31,6 +31,7 @@ import json
 import os
 import shutil
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -330,7 +331,10 @@ def load_samples(path: str | Path) -> Samples:
         if missing:
             raise ValueError(f"{path} has no {' or '.join(map(repr, missing))} array (it has {loaded.files}); "
                              "expected 'images' and 'labels', as save_samples writes.")
-        pixels, labels = loaded["images"], loaded["labels"]
+        try:
+            pixels, labels = loaded["images"], loaded["labels"]
+        except (OSError, ValueError, zipfile.BadZipFile) as error:   # object arrays (pickle), a damaged zip
+            raise ValueError(f"{path}: cannot read its arrays ({type(error).__name__}: {error}).") from None
     _check_sample_arrays(path, pixels, labels)
     images = torch.from_numpy(pixels)
     images = images[:, None] if images.ndim == 3 else images.permute(0, 3, 1, 2)

@@ -368,13 +368,13 @@ def _sqrtm_psd(matrix: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 # The evaluation report
 
-def evaluate_samples(images: Tensor, labels: Tensor, *, dataset: str = "mnist", seed: int = 0) -> dict:
+def evaluate_samples(images: Tensor, labels: Tensor | None, *, dataset: str = "mnist", seed: int = 0) -> dict:
     """Accuracy (for labelled samples), distances to real test images, and their real-vs-real
     baselines at the same sample count, plus how often each class was produced.
 
     Args:
         images: (N, C, H, W) finite floats in [-1, 1] of the dataset's shape (load_samples gives these).
-        labels: (N,) integer labels in [-1, num_classes) (-1 = unlabelled).
+        labels: (N,) integer labels in [-1, num_classes) (-1 = unlabelled), or None (all unlabelled).
         dataset: a key of CLASSIFIERS; the test split supplies the real images.
         seed: picks the two real sets (each of N images, disjoint).
     """
@@ -414,7 +414,9 @@ def _distances(fake: Tensor, real_a: Tensor, real_b: Tensor) -> dict:
             "precision_real_baseline": real_pr.precision, "recall_real_baseline": real_pr.recall}
 
 
-def _check_labels(labels: Tensor, num: int, num_classes: int) -> Tensor:
+def _check_labels(labels: Tensor | None, num: int, num_classes: int) -> Tensor:
+    if labels is None:
+        return torch.full((num,), -1, dtype=torch.long)
     if not isinstance(labels, Tensor) or labels.dtype == torch.bool or labels.is_floating_point() \
             or labels.is_complex() or labels.shape != (num,):
         got = f"{labels.dtype} of shape {tuple(labels.shape)}" if isinstance(labels, Tensor) else type(labels).__name__

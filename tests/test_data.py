@@ -125,12 +125,17 @@ def test_cifar10_test_split_from_the_offline_arrays(data_root):
     assert not any(data_root.rglob("*.npz"))                              # read in place, not copied
 
 
-def test_cifar10_train_split_channel_means(data_root):
-    _archives()
-    train = data.load_dataset("cifar10", train=True, limit=50000)
-    means = ((train.images + 1) / 2).mean(dim=(0, 2, 3))
-    assert means.tolist() == pytest.approx([0.4914, 0.4822, 0.4465], abs=5e-4)   # the published means
-    del train
+def test_cifar10_train_split_labels_and_channel_means(data_root):
+    archives = _archives()
+    train = data.load_dataset("cifar10", train=True, limit=10)
+    assert train.images.shape == (10, 3, 32, 32)
+    assert train.labels.tolist() == [6, 9, 9, 4, 1, 1, 2, 7, 8, 3]        # data_batch_1's first labels
+    # The published per-channel means of all 50,000 training images (on the uint8 pixels, to spare memory).
+    pixels, labels = data._load_offline_arrays(data.DATASETS["cifar10"], True, archives / "CIFAR10" / "cifar10_train.npz")
+    sums = torch.stack([pixels[..., channel].sum(dtype=torch.int64) for channel in range(3)])
+    means = sums.double() / (pixels[..., 0].numel() * 255)
+    assert means.tolist() == pytest.approx([0.4914, 0.4822, 0.4465], abs=5e-5)
+    assert torch.bincount(labels).tolist() == [5000] * 10
 
 
 def _fake_cifar_archives(tmp_path, images, labels):
@@ -308,6 +313,8 @@ def test_load_samples_refuses_what_is_not_a_samples_file(tmp_path):
         "floatlabels.npz": (lambda p: np.savez(p, images=np.zeros((6, 8, 8), np.uint8), labels=np.zeros(6)),
                             "'labels' must be a 1-D integer array"),
         "text.npz": (lambda p: p.write_text("hello"), "is not a samples .npz"),
+        "pickled.npz": (lambda p: np.savez(p, images=np.array([None] * 6), labels=np.zeros(6, np.int64)),
+                        "cannot read its arrays"),
     }
     for name, (write, message) in cases.items():
         write(tmp_path / name)

@@ -219,6 +219,8 @@ def test_evaluate_real_digits_against_their_baselines(data_root):
     assert report["precision"] == pytest.approx(report["precision_real_baseline"], abs=0.1)
     assert report["recall"] == pytest.approx(report["recall_real_baseline"], abs=0.1)
     assert sum(report["predicted_counts"]) == 200
+    unlabelled = metrics.evaluate_samples(test.images[:20], None)
+    assert unlabelled["accuracy"] is None and sum(unlabelled["predicted_counts"]) == 20
     printed = metrics.format_report(report)
     for line in ("samples:                200", "class accuracy:", "Frechet distance:", "real-vs-real baseline:",
                  "kernel distance (KID):", "precision / recall:", "predicted class counts: 0:"):
