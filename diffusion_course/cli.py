@@ -1,137 +1,178 @@
-"""The `diffusion-course` command: train, sample, evaluate, and train the metrics classifier.
+"""The `diffusion-course` command (ring 3): argument parsing and printing only.
 
     diffusion-course train --dataset mnist --out runs/mnist --minutes 5
     diffusion-course sample --checkpoint mnist --num 100 --labels all --guidance 3 --out s.npz
     diffusion-course evaluate s.npz
+
+Every expected failure (a bad value, a missing or existing file, a full disk, a missing GPU)
+ends in a one-line `error: ...` and exit status 2, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import math
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from . import checkpoints, data, editing, metrics, sampling, schedules, training
-from .generate import generate
+from . import checkpoints, data, editing, metrics, runs, sampling, schedules, training
+from .generate import generate_batches, image_shape
 from .guidance import guided
+from .threads import use_best_threads
 from .unet import UNet, UNetConfig
 
-
-def image_shape(model) -> tuple:
-    """(C, H, W) of the images a checkpoint's U-Net makes."""
-    return (model.config.in_channels, model.config.image_size, model.config.image_size)
+EXPECTED_ERRORS = (ValueError, OSError, FloatingPointError, KeyError, TypeError, RuntimeError)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
+        _check_device(args)
+        use_best_threads(verbose=False)
         return args.run(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except KeyboardInterrupt as error:
+        print(f"interrupted{_notes(error)}", file=sys.stderr)
+        return 130
+    except EXPECTED_ERRORS as error:
+        print(f"error: {str(error).splitlines()[0] if str(error) else type(error).__name__}{_notes(error)}",
+              file=sys.stderr)
         return 2
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffusion-course", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
-
-    train = commands.add_parser("train", help="train a diffusion model from scratch (or resume)")
-    train.add_argument("--dataset", choices=sorted(data.DATASETS), default="mnist")
-    train.add_argument("--out", required=True, help="run folder for checkpoints")
-    train.add_argument("--minutes", type=float, help="wall-time budget in minutes (total, across resumes)")
-    train.add_argument("--steps", type=int, help="step budget (total, across resumes)")
-    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    train.add_argument("--unconditional", action="store_true", help="train without class labels")
-    train.add_argument("--base-channels", type=int, default=UNetConfig.base_channels)
-    train.add_argument("--schedule", choices=sorted(schedules.SCHEDULES), default="cosine")
-    train.add_argument("--batch-size", type=int, default=training.TrainConfig.batch_size)
-    train.add_argument("--lr", type=float, default=training.TrainConfig.lr)
-    train.add_argument("--warmup-steps", type=int, default=training.TrainConfig.warmup_steps)
-    train.add_argument("--min-snr-gamma", type=gamma_or_off, default=training.TrainConfig.min_snr_gamma,
-                       help="weight the loss by min(SNR, gamma) / SNR (default %(default)s; 0 turns it off)")
-    train.add_argument("--checkpoint-every", type=int, default=500)
-    train.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default="auto")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, ...")
-    train.set_defaults(run=run_train)
-
-    sample = commands.add_parser("sample", help="generate images into an .npz file and a PNG grid")
-    sample.add_argument("--checkpoint", default="mnist", help="'mnist' (shipped) or a checkpoint/run folder")
-    sample.add_argument("--num", type=int, default=100)
-    sample.add_argument("--labels", default="all", help="'all' (spread over the classes), 'none', or e.g. 3,7")
-    sample.add_argument("--guidance", type=float, default=3.0, help="guidance scale w (1: none)")
-    sample.add_argument("--negative", type=int, help="a class to steer away from (negative condition)")
-    sample.add_argument("--sampler", choices=sorted(sampling.SAMPLERS), default="dpm")
-    sample.add_argument("--steps", type=int, default=20, help="model calls (ignored by ddpm, which takes all)")
-    sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--batch-size", type=int, default=100,
-                        help="samples drawn together (100 was the fastest per sample on a 2-core CPU: benchmarks/sample_speed.py)")
-    sample.add_argument("--device", default="cpu")
-    sample.add_argument("--out", default="samples.npz")
-    sample.set_defaults(run=run_sample)
-
-    edit = commands.add_parser("edit", help="image-to-image (--strength) or inpainting (--mask) of an image")
-    edit.add_argument("--checkpoint", default="mnist")
-    source = edit.add_mutually_exclusive_group(required=True)
-    source.add_argument("--image", help="a PNG/JPEG image (resized to the model's size; grey for MNIST)")
-    source.add_argument("--test-digit", type=int, help="index of an MNIST test-set digit")
-    edit.add_argument("--strength", type=float, help="img2img: 0 keeps the image, 1 ignores it (default 0.6)")
-    edit.add_argument("--mask", choices=sorted(editing.MASKS), help="inpaint this region (regenerate it) instead of img2img")
-    edit.add_argument("--label", type=int, help="class to steer towards (default: unconditional)")
-    edit.add_argument("--num", type=int, default=8, help="how many variations")
-    edit.add_argument("--guidance", type=float, default=3.0)
-    edit.add_argument("--sampler", choices=sorted(sampling.SAMPLERS), default="ddim")
-    edit.add_argument("--steps", type=int, default=50)
-    edit.add_argument("--seed", type=int, default=0)
-    edit.add_argument("--out", default="edited.npz")
-    edit.set_defaults(run=run_edit)
-
-    evaluate = commands.add_parser("evaluate", help="accuracy and Frechet distance of an .npz of samples")
+    _add_train(commands.add_parser("train", help="train a diffusion model from scratch (or resume)"))
+    _add_sample(commands.add_parser("sample", help="generate images into an .npz file and a PNG grid"))
+    _add_edit(commands.add_parser("edit", help="image-to-image (--strength) or inpainting (--mask) of an image"))
+    evaluate = commands.add_parser("evaluate", help="class accuracy, Frechet and kernel distance of an .npz of samples")
     evaluate.add_argument("file", help="an .npz written by `sample`")
-    evaluate.set_defaults(run=run_evaluate)
-
-    classifier = commands.add_parser("train-classifier", help="train the MNIST classifier used by evaluate")
-    classifier.add_argument("--out", default=str(metrics.CLASSIFIER_PATH))
-    classifier.add_argument("--epochs", type=int, default=2)
-    classifier.add_argument("--seed", type=int, default=0)
-    classifier.set_defaults(run=run_train_classifier)
+    evaluate.add_argument("--dataset", choices=sorted(metrics.CLASSIFIERS), help="default: the one its shape fits")
+    evaluate.set_defaults(run=run_evaluate, device="cpu")
+    classifier = commands.add_parser("train-classifier", help="train the classifier that evaluate uses")
+    classifier.add_argument("--dataset", choices=sorted(metrics.CLASSIFIERS), default="mnist")
+    classifier.add_argument("--out", help="default: a folder in your user cache (never the shipped classifier)")
+    classifier.add_argument("--epochs", type=whole(1), help="default: the dataset's usual count")
+    classifier.add_argument("--seed", type=whole(0), default=0)
+    classifier.add_argument("--overwrite", action="store_true", help="replace existing weights at --out")
+    classifier.set_defaults(run=run_train_classifier, device="cpu")
     return parser
 
 
+def _add_train(p) -> None:
+    p.add_argument("--dataset", choices=sorted(data.DATASETS), default="mnist")
+    p.add_argument("--out", required=True, help="run folder for checkpoints")
+    p.add_argument("--minutes", type=number(0, exclusive=True), help="wall-time budget (total, across resumes)")
+    p.add_argument("--steps", type=whole(1), help="step budget (total, across resumes)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--unconditional", action="store_true", help="train without class labels")
+    p.add_argument("--base-channels", type=whole(1), default=UNetConfig.base_channels)
+    p.add_argument("--schedule", choices=sorted(schedules.SCHEDULES), default="cosine")
+    p.add_argument("--batch-size", type=whole(1), default=runs.TrainConfig.batch_size)
+    p.add_argument("--lr", type=number(0, exclusive=True), default=runs.TrainConfig.lr)
+    p.add_argument("--warmup-steps", type=whole(0), default=runs.TrainConfig.warmup_steps)
+    p.add_argument("--min-snr-gamma", type=gamma_or_off, default=5.0,
+                   help="weight the loss by min(SNR, gamma) / SNR (default %(default)s; 0 turns it off)")
+    p.add_argument("--checkpoint-every", type=whole(0), default=500, help="steps between checkpoints (0: by time only)")
+    p.add_argument("--checkpoint-minutes", type=number(0, exclusive=True), default=runs.TrainConfig.checkpoint_minutes,
+                   help="also save when this much training time passed since the last save")
+    p.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default="auto")
+    p.add_argument("--seed", type=whole(0), default=0)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, ...")
+    p.set_defaults(run=run_train)
+
+
+def _add_sample(p) -> None:
+    p.add_argument("--checkpoint", default="mnist", help="'mnist' (shipped) or a checkpoint/run folder")
+    p.add_argument("--num", type=whole(1), default=100)
+    p.add_argument("--labels", default="all", help="'all' (spread over the classes), 'none', or e.g. 3,7")
+    p.add_argument("--guidance", type=number(), default=3.0, help="guidance scale w (1: none)")
+    p.add_argument("--negative", type=whole(0), help="a class to steer away from (negative condition)")
+    p.add_argument("--sampler", choices=sorted(sampling.SAMPLERS), default="dpm")
+    p.add_argument("--steps", type=whole(1), default=20, help="model calls (ignored by ddpm, which takes all)")
+    p.add_argument("--seed", type=whole(0), default=0)
+    p.add_argument("--batch-size", type=whole(1), default=100,
+                   help="samples drawn together (benchmarks/sample_speed.py measures the best)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="samples.npz")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (and its PNG)")
+    p.set_defaults(run=run_sample)
+
+
+def _add_edit(p) -> None:
+    p.add_argument("--checkpoint", default="mnist")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", help="a PNG/JPEG image (resized to the model's size; grey for MNIST)")
+    source.add_argument("--test-digit", "--test-image", dest="test_image", type=whole(0),
+                        help="index of an image of the checkpoint's test set")
+    p.add_argument("--strength", type=number(0, 1), help="img2img: 0 keeps the image, 1 ignores it (default 0.6)")
+    p.add_argument("--mask", choices=sorted(editing.MASKS), help="inpaint this region (regenerate it) instead of img2img")
+    p.add_argument("--label", type=whole(0), help="class to steer towards (default: unconditional)")
+    p.add_argument("--num", type=whole(1), default=8, help="how many variations")
+    p.add_argument("--guidance", type=number(), default=3.0)
+    p.add_argument("--sampler", choices=sorted(sampling.SAMPLERS), default="ddim")
+    p.add_argument("--steps", type=whole(1), default=50)
+    p.add_argument("--seed", type=whole(0), default=0)
+    p.add_argument("--out", default="edited.npz")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(run=run_edit, device="cpu")
+
+
+def whole(low: int):
+    """An argparse type: a whole number >= low, with a message that says what was given."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be a whole number >= {low}, got {value}")
+        return value
+    return parse
+
+
+def number(low: float = -math.inf, high: float = math.inf, exclusive: bool = False):
+    """An argparse type: a finite number in [low, high] ((low, high] with exclusive)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value > high or value < low or (exclusive and value == low):
+            bounds = f"{'>' if exclusive else '>='} {low:g}" if high == math.inf else f"in [{low:g}, {high:g}]"
+            raise argparse.ArgumentTypeError(f"must be a finite number{'' if low == -math.inf else ' ' + bounds}, got {text!r}")
+        return value
+    return parse
+
+
 def gamma_or_off(text: str) -> float | None:
-    """--min-snr-gamma's value: a number, with 0 meaning "no Min-SNR weighting" (None)."""
-    try:
-        return float(text) or None
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number such as 5 (0 turns the weighting off), got {text!r}") from None
+    """--min-snr-gamma's value: a positive number, with 0 meaning "no Min-SNR weighting" (None)."""
+    value = number(0)(text) if text.strip() not in ("0", "0.0") else 0.0
+    return value or None
 
 
 def run_train(args) -> int:
     if args.minutes is None and args.steps is None:
         raise ValueError("Give a budget: --minutes M, --steps N, or both.")
-    if not args.resume and checkpoints.latest_checkpoint(args.out) is not None:
-        raise FileExistsError(f"{args.out} already holds checkpoints of a training run. Add --resume to "
-                              "continue it, or choose another --out folder.")
     dataset = data.load_dataset(args.dataset)
-    num_classes = None if args.unconditional else len(data.CLASS_NAMES[args.dataset])
+    num_classes = None if args.unconditional else data.dataset_info(args.dataset).num_classes
     config = UNetConfig(in_channels=dataset.images.shape[1], image_size=dataset.images.shape[2],
                         base_channels=args.base_channels, num_classes=num_classes)
     torch.manual_seed(args.seed)
     model = UNet(config).to(args.device)
     schedule = schedules.SCHEDULES[args.schedule]()
-    train_config = training.TrainConfig(steps=args.steps, minutes=args.minutes, batch_size=args.batch_size,
-                                        lr=args.lr, warmup_steps=args.warmup_steps,
-                                        min_snr_gamma=args.min_snr_gamma,
-                                        checkpoint_every=args.checkpoint_every,
-                                        precision=args.precision, seed=args.seed)
-    labels = None if num_classes is None else dataset.labels.to(args.device)
-    result = training.train(model, dataset.images.to(args.device), schedule, train_config, labels,
-                            out_dir=args.out, resume=args.resume, dataset=args.dataset)
+    loss_fn = functools.partial(training.diffusion_loss, schedule=schedule, min_snr_gamma=args.min_snr_gamma)
+    train_config = runs.TrainConfig(steps=args.steps, minutes=args.minutes, batch_size=args.batch_size, lr=args.lr,
+                                    warmup_steps=args.warmup_steps, checkpoint_every=args.checkpoint_every,
+                                    checkpoint_minutes=args.checkpoint_minutes, precision=args.precision, seed=args.seed)
+    info = {"dataset": args.dataset, "schedule": schedule.to_config(), "min_snr_gamma": args.min_snr_gamma}
+    result = runs.train(model, dataset.images.to(args.device), loss_fn, config=train_config,
+                        labels=None if num_classes is None else dataset.labels.to(args.device),
+                        out_dir=args.out, resume=args.resume, info=info)
     print(f"trained {result.step} steps in {result.seconds / 60:.1f} minutes; "
           f"latest checkpoint: {checkpoints.latest_checkpoint(args.out)}")
     return 0
@@ -155,117 +196,82 @@ def parse_labels(text: str, num: int, num_classes: int | None) -> torch.Tensor |
 
 
 def run_sample(args) -> int:
-    if Path(args.out).suffix != ".npz":
-        raise ValueError(f"--out must end in .npz, got {args.out}.")
     checkpoint = checkpoints.load_checkpoint(args.checkpoint, args.device)
-    if args.num < 1:
-        raise ValueError(f"--num must be at least 1, got {args.num}.")
-    labels = parse_labels(args.labels, args.num, checkpoint.model.null_class)
+    model, shape = checkpoint.model, image_shape(checkpoint.model)
+    labels = parse_labels(args.labels, args.num, model.null_class)
     start = time.perf_counter()
-    model = checkpoint.model
-    images = generate(model, checkpoint.schedule, num=args.num, shape=image_shape(model), cond=labels,
-                      guidance_scale=args.guidance, negative=args.negative, sampler=args.sampler,
-                      sampling_steps=args.steps, seed=args.seed, batch_size=args.batch_size, device=args.device)
-    seconds = time.perf_counter() - start
-    save_samples(args.out, images, labels)
-    print(f"wrote {args.num} samples to {args.out} (and {Path(args.out).with_suffix('.png')}) "
-          f"in {seconds:.1f} s")
+    with data.SampleWriter(args.out, args.num, shape, overwrite=args.overwrite) as writer:
+        for first, images in generate_batches(model, checkpoint.schedule, num=args.num, shape=shape, cond=labels,
+                                              guidance_scale=args.guidance, negative=args.negative,
+                                              sampler=args.sampler, sampling_steps=args.steps, seed=args.seed,
+                                              batch_size=args.batch_size, device=args.device, progress=args.num > 100):
+            writer.write(images, None if labels is None else labels[first:first + len(images)])
+    print(f"wrote {args.num} samples to {writer.path} (and {writer.path.with_suffix('.png')}) "
+          f"in {time.perf_counter() - start:.1f} s")
     return 0
-
-
-def save_samples(path: str | Path, images: torch.Tensor, labels: torch.Tensor | None) -> None:
-    """Write images (N, C, H, W in [-1, 1]) as uint8 to an .npz, with a PNG grid beside it."""
-    import torchvision.utils
-
-    path = Path(path)
-    if path.suffix != ".npz":
-        raise ValueError(f"--out must end in .npz, got {path}.")
-    pixels = data.to_image_range(images).permute(0, 2, 3, 1).cpu().numpy()
-    pixels = pixels[..., 0] if pixels.shape[-1] == 1 else pixels
-    label_array = np.full(len(images), -1, dtype=np.int64) if labels is None else labels.cpu().numpy().astype(np.int64)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".partial.npz")
-    np.savez_compressed(tmp, images=pixels, labels=label_array)
-    tmp.replace(path)
-    nrow = 10 if labels is not None else int(len(images) ** 0.5) or 1
-    torchvision.utils.save_image((images[:200] + 1) / 2, path.with_suffix(".png"), nrow=nrow, padding=1)
-
-
-def load_samples(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read an .npz written by `sample`: (N, C, H, W) floats in [-1, 1] and (N,) labels."""
-    try:
-        with np.load(path) as f:
-            pixels, labels = f["images"], f["labels"]
-    except (OSError, KeyError, ValueError) as error:
-        raise ValueError(f"{path} is not a samples file with 'images' and 'labels' arrays ({error}).") from None
-    images = torch.from_numpy(pixels)
-    images = images[:, None] if images.ndim == 3 else images.permute(0, 3, 1, 2)
-    return data.to_model_range(images), torch.from_numpy(labels)
-
-
-def load_image(path: str, channels: int, size: int) -> torch.Tensor:
-    """Read an image file as a (1, channels, size, size) tensor in [-1, 1]."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        image = Image.open(path).convert("L" if channels == 1 else "RGB").resize((size, size))
-    except (OSError, UnidentifiedImageError) as error:
-        raise ValueError(f"Could not read the image {path!r} ({error}).") from None
-    pixels = torch.from_numpy(np.array(image)).reshape(size, size, channels).permute(2, 0, 1)
-    return data.to_model_range(pixels)[None]
 
 
 def run_edit(args) -> int:
-    if Path(args.out).suffix != ".npz":
-        raise ValueError(f"--out must end in .npz, got {args.out}.")
-    if args.num < 1:
-        raise ValueError(f"--num must be at least 1, got {args.num}.")
     if args.mask is not None and args.strength is not None:
         raise ValueError("Give --strength (image-to-image) or --mask (inpainting), not both.")
-    strength = 0.6 if args.strength is None else args.strength
-    if not 0 <= strength <= 1:
-        raise ValueError(f"--strength must lie in [0, 1], got {strength}.")
     checkpoint = checkpoints.load_checkpoint(args.checkpoint)
-    model, config = checkpoint.model, checkpoint.model.config
+    model, (channels, size, _) = checkpoint.model, image_shape(checkpoint.model)
     if args.label is not None and model.null_class is None:
         raise ValueError("This checkpoint is unconditional: leave out --label.")
-    if args.label is not None and not 0 <= args.label < model.null_class:
+    if args.label is not None and args.label >= model.null_class:
         raise ValueError(f"--label must lie in [0, {model.null_class}), got {args.label}.")
-    if args.image is not None:
-        image = load_image(args.image, config.in_channels, config.image_size)
-    else:
-        test = data.load_dataset(checkpoint.info.get("dataset") or "mnist", train=False)
-        if not 0 <= args.test_digit < len(test.images):
-            raise ValueError(f"--test-digit must lie in [0, {len(test.images)}), got {args.test_digit}.")
-        image = test.images[args.test_digit:args.test_digit + 1]
+    image = _edit_source(args, checkpoint, channels, size)
     images = image.expand(args.num, -1, -1, -1).contiguous()
     labels = None if args.label is None else torch.full((args.num,), args.label, dtype=torch.long)
-    if labels is not None:
-        model = guided(model, args.guidance)
     options = dict(sampler=args.sampler, sampling_steps=args.steps, cond=labels,
                    generator=torch.Generator().manual_seed(args.seed))
+    model = model if labels is None else guided(model, args.guidance)
     if args.mask is not None:
-        mask = editing.make_mask(args.mask, config.image_size)
-        out = editing.inpaint(model, images, mask, checkpoint.schedule, **options)
+        out = editing.inpaint(model, images, editing.make_mask(args.mask, size), checkpoint.schedule, **options)
     else:
-        out = editing.img2img(model, images, checkpoint.schedule, strength=strength, **options)
-    save_samples(args.out, torch.cat([image, out.clamp(-1, 1)]),
-                 torch.cat([torch.tensor([-1]), labels if labels is not None else torch.full((args.num,), -1)]))
-    print(f"wrote the original and {args.num} edits to {args.out} (and {Path(args.out).with_suffix('.png')})")
+        out = editing.img2img(model, images, checkpoint.schedule, strength=args.strength or 0.6, **options)
+    shown = torch.full((args.num + 1,), -1) if labels is None else torch.cat([torch.tensor([-1]), labels])
+    path = data.save_samples(args.out, torch.cat([image, out.clamp(-1, 1)]), shown, overwrite=args.overwrite)
+    print(f"wrote the original and {args.num} edits to {path} (and {path.with_suffix('.png')})")
     return 0
 
 
+def _edit_source(args, checkpoint, channels: int, size: int) -> torch.Tensor:
+    data.check_free(args.out, args.overwrite)            # before any work: never overwrite without asking
+    if args.image is not None:
+        return data.load_image(args.image, channels, size)
+    test = data.load_dataset(checkpoint.info.get("dataset") or "mnist", train=False)
+    if args.test_image >= len(test.images):
+        raise ValueError(f"--test-digit must lie in [0, {len(test.images)}), got {args.test_image}.")
+    return test.images[args.test_image:args.test_image + 1]
+
+
 def run_evaluate(args) -> int:
-    images, labels = load_samples(args.file)
-    report = metrics.evaluate_samples(images, labels)
+    samples = data.load_samples(args.file)
+    fits = [name for name in sorted(metrics.CLASSIFIERS) if data.dataset_info(name).shape == samples.images.shape[1:]]
+    dataset = args.dataset or (fits[0] if fits else "mnist")     # no fit: evaluate's error names the shape
+    report = metrics.evaluate_samples(samples.images, samples.labels, dataset=dataset)
     print(metrics.format_report(report))
     return 0
 
 
 def run_train_classifier(args) -> int:
-    accuracy = metrics.train_classifier(args.out, epochs=args.epochs, seed=args.seed)
-    print(f"saved the classifier to {args.out}; test accuracy {accuracy:.2%}")
+    out = args.out or metrics.user_classifier_dir(args.dataset)
+    accuracy = metrics.train_classifier(args.dataset, out, epochs=args.epochs, seed=args.seed, overwrite=args.overwrite)
+    print(f"saved the {args.dataset} classifier to {out}; test accuracy {accuracy:.2%}")
     return 0
+
+
+def _check_device(args) -> None:
+    device = torch.device(args.device)               # a malformed name raises RuntimeError: exit 2
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA GPU is available here (use --device cpu).")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {args.device}: Apple's MPS is not available here (use --device cpu).")
+
+
+def _notes(error: BaseException) -> str:
+    return "".join(f"\n{note}" for note in getattr(error, "__notes__", []))
 
 
 if __name__ == "__main__":

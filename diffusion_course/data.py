@@ -306,7 +306,7 @@ def save_samples(path: str | Path, images: Tensor, labels: Tensor | None, *, ove
     """
     path = _samples_path(path)
     pixels, label_array = _to_sample_arrays(images, labels)
-    _check_free(path, overwrite)
+    check_free(path, overwrite)
     _write_samples_files(path, pixels, label_array, overwrite=overwrite)
     return path
 
@@ -392,8 +392,10 @@ def _label_array(labels: Tensor | None, num: int) -> np.ndarray:
     return labels.cpu().numpy().astype(np.int64)
 
 
-def _check_free(path: Path, overwrite: bool) -> None:
-    """Refuse (FileExistsError) to replace an existing samples file or its PNG unless overwrite."""
+def check_free(path: str | Path, overwrite: bool) -> None:
+    """Refuse (FileExistsError) to replace an existing samples file or its PNG unless overwrite;
+    a name that is not an .npz is refused too (ValueError). Call it before long work."""
+    path = _samples_path(path)
     if overwrite:
         return
     for file in (path, path.with_suffix(".png")):
@@ -488,7 +490,7 @@ class SampleWriter:
             raise ValueError(f"total must be a positive int (the number of samples), got {total!r}.")
         if len(shape) != 3 or shape[0] not in (1, 3) or min(shape[1:]) < 1:
             raise ValueError(f"shape must be (C, H, W) with C = 1 or 3, got {shape!r}.")
-        _check_free(self.path, overwrite)
+        check_free(self.path, overwrite)
         self.files, self.done, self.partial_path, self._closed = partial_files(self.path), 0, None, False
         self._clear_leftovers(overwrite)
         channels, height, width = shape

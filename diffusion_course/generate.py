@@ -74,6 +74,12 @@ def generate_batches(model, schedule: NoiseSchedule, *, num: int, shape: tuple, 
             yield start, _finish(x if decode is None else decode(x), 1.0 if decode is not None else clip_x0)
 
 
+def image_shape(model) -> tuple[int, int, int]:
+    """(C, H, W) of what a U-Net checkpoint denoises, from its config."""
+    config = model.config
+    return (config.in_channels, config.image_size, config.image_size)
+
+
 def _finish(images: Tensor, clamp: float | None) -> Tensor:
     if not bool(torch.isfinite(images).all()):
         raise FloatingPointError("The samples contain NaN or infinite values (a diverged model, or a "

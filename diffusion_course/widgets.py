@@ -30,7 +30,7 @@ from torch import Tensor
 
 from . import sampling, viz
 from .editing import check_images, img2img
-from .generate import generate
+from .generate import generate, image_shape
 from .guidance import guided
 from .schedules import NoiseSchedule, cosine_schedule, linear_schedule, q_sample
 
@@ -368,13 +368,8 @@ def _start(explorer, controls: Sequence, fallback_figure: Figure, fallback: bool
 def _sample_grid(model, schedule: NoiseSchedule, labels: Tensor, guidance_scale: float, num_steps: int,
                  seed: int, sampler: str = "dpm") -> Tensor:
     """One sample per label (on the CPU, in [-1, 1]) from the starting noise of `seed`."""
-    return generate(model, schedule, num=len(labels), shape=_image_shape(model), cond=labels,
+    return generate(model, schedule, num=len(labels), shape=image_shape(model), cond=labels,
                     guidance_scale=guidance_scale, sampler=sampler, sampling_steps=int(num_steps), seed=int(seed)).cpu()
-
-
-def _image_shape(model) -> tuple:
-    config = model.config
-    return (config.in_channels, config.image_size, config.image_size)
 
 
 class GuidanceExplorer(StaticCopy, ipywidgets.VBox):
