@@ -30,8 +30,8 @@ def file_bytes(folder):
 def test_round_trip_gives_identical_outputs(tiny_cond_unet, tmp_path):
     schedule = cosine_schedule(500)
     state = {"rng": torch.arange(5, dtype=torch.uint8), "model.x": torch.randn(2, 3)}
-    path = save_checkpoint(tmp_path / "ckpt", tiny_cond_unet, schedule, step=7, dataset="mnist",
-                           extra={"note": "hello"}, training_state=state)
+    path = save_checkpoint(tmp_path / "ckpt", tiny_cond_unet, schedule, step=7,
+                           info={"dataset": "mnist", "note": "hello"}, training_state=state)
     assert path == tmp_path / "ckpt"
     assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors",
                                                       "training_state.safetensors"]
@@ -96,7 +96,7 @@ def test_pretrained_mnist(request):
     t = torch.randint(50, 900, (32,), generator=generator)
     noise = torch.randn(x0.shape, generator=generator)
     with torch.no_grad():
-        loss = diffusion_loss(loaded.model, x0, loaded.schedule, labels, t, noise).item()
+        loss = diffusion_loss(loaded.model, x0, loaded.schedule, cond=labels, t=t, noise=noise).item()
     assert loss < 0.3, f"the pretrained model's loss on real digits is {loss:.3f}"
 
 
