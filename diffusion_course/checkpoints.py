@@ -162,7 +162,10 @@ def load_run_state(folder: str | Path, model: nn.Module, ema_model: nn.Module, o
     _load_weights(model, {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}, folder)
     _load_weights(ema_model, _load_verified(folder, "model.safetensors", info), folder)
     optimizer_state = optimizer.state_dict()
-    optimizer_state["param_groups"] = info.get("optimizer_param_groups", optimizer_state["param_groups"])
+    groups = info.get("optimizer_param_groups", optimizer_state["param_groups"])   # JSON made tuples lists:
+    optimizer_state["param_groups"] = [{key: tuple(value) if isinstance(fresh.get(key), tuple) else value
+                                        for key, value in group.items()}
+                                       for group, fresh in zip(groups, optimizer_state["param_groups"])]
     for key, value in state.items():
         if key.startswith("optimizer."):
             _, index, name = key.split(".", 2)
@@ -188,11 +191,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def run_checkpoints(run_dir: str | Path) -> list[Path]:
-    """A run folder's own checkpoints (step_ + 8 digits, with a config.json), oldest first."""
+    """A run folder's own checkpoints (step_ + 8 digits, with a config.json of this package), oldest first."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
-    return sorted(p for p in run_dir.iterdir() if _STEP_NAME.fullmatch(p.name) and (p / "config.json").is_file())
+    return sorted(p for p in run_dir.iterdir() if _STEP_NAME.fullmatch(p.name) and _is_ours(p))
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -205,7 +208,7 @@ def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
     """Delete all but the newest `keep` of the run folder's own checkpoints (those whose config.json
     this package wrote). Each is first renamed to a hidden .deleting-* name, so a crash midway
     never leaves a step_* folder with config.json but no weights."""
-    ours = [folder for folder in run_checkpoints(run_dir) if _is_ours(folder)]
+    ours = run_checkpoints(run_dir)
     for folder in ours[:max(0, len(ours) - keep)]:
         doomed = folder.with_name(f".deleting-{folder.name}-{os.getpid()}")
         os.rename(folder, doomed)

@@ -189,3 +189,313 @@ def test_pick_autocast_dtype_on_cpu():
     assert runs.pick_autocast_dtype(cpu, "auto") is expected
     assert runs.pick_autocast_dtype(cpu) is expected
     assert isinstance(runs.cpu_has_fast_bfloat16(), bool)
+
+
+# --- issue 12 (2): nothing lost on a crash, Ctrl-C or SIGTERM -----------------------------------------
+
+def test_checkpoints_by_time_as_well_as_by_steps(make_tiny_unet, digits8, tmp_path):
+    """`train --minutes 5` used to write its only checkpoint at the end. Now a checkpoint is written
+    whenever checkpoint_minutes of training passed since the last one (1 minute by default)."""
+    assert TrainConfig().checkpoint_minutes == 1.0
+    images, _ = digits8
+    config = quick_config(steps=4, checkpoint_minutes=0.0005, keep_checkpoints=10)     # every 30 ms
+    train(make_tiny_unet(perturb=False), images, LOSS, config=config, out_dir=tmp_path,
+          callback=lambda step, loss: time.sleep(0.05))
+    assert [p.name for p in checkpoints.run_checkpoints(tmp_path)] == [f"step_{s:08d}" for s in (1, 2, 3, 4)]
+    train(make_tiny_unet(perturb=False), images, LOSS, out_dir=tmp_path / "by_steps_only",
+          config=quick_config(steps=4, checkpoint_minutes=None, keep_checkpoints=10))
+    assert [p.name for p in checkpoints.run_checkpoints(tmp_path / "by_steps_only")] == ["step_00000004"]
+
+
+def interrupt_at(step: int, how):
+    def callback(current, loss):
+        if current == step:
+            how()
+    return callback
+
+
+def raise_keyboard_interrupt():
+    raise KeyboardInterrupt
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_is_still_exact(make_tiny_unet, digits8, tmp_path):
+    images, labels = digits8
+    whole = train(make_tiny_unet(num_classes=10, perturb=False), images, LOSS, config=quick_config(steps=8),
+                  labels=labels)
+    with pytest.raises(KeyboardInterrupt):
+        train(make_tiny_unet(num_classes=10, perturb=False), images, LOSS, config=quick_config(steps=8),
+              labels=labels, out_dir=tmp_path, callback=interrupt_at(3, raise_keyboard_interrupt))
+    assert checkpoints.latest_checkpoint(tmp_path).name == "step_00000003"
+    assert not (tmp_path / checkpoints.LOCK_FILE).exists()
+    resumed = train(make_tiny_unet(num_classes=10, seed=9), images, LOSS, config=quick_config(steps=8),
+                    labels=labels, out_dir=tmp_path, resume=True)
+    assert resumed.losses == whole.losses[3:]
+    assert same_weights(resumed.model, whole.model) and same_weights(resumed.ema_model, whole.ema_model)
+
+
+@pytest.mark.parametrize("signum, exception", [(signal.SIGTERM, SystemExit), (signal.SIGINT, KeyboardInterrupt)])
+def test_a_signal_stops_after_the_step_saves_and_restores_the_handler(make_tiny_unet, digits8, tmp_path,
+                                                                        signum, exception):
+    images, _ = digits8
+    before = signal.getsignal(signum)
+    steps = []
+    with pytest.raises(exception) as raised:
+        train(make_tiny_unet(perturb=False), images, LOSS, config=quick_config(steps=8), out_dir=tmp_path,
+              callback=lambda step, loss: (steps.append(step), step == 2 and os.kill(os.getpid(), signum)))
+    assert steps == [1, 2]                              # it stopped right after the step it was in
+    if exception is SystemExit:
+        assert raised.value.code == 128 + signal.SIGTERM
+    assert checkpoints.latest_checkpoint(tmp_path).name == "step_00000002"
+    assert signal.getsignal(signum) is before
+    assert not (tmp_path / checkpoints.LOCK_FILE).exists()
+
+
+def test_ctrl_c_in_the_middle_of_a_step_keeps_the_last_whole_checkpoint(make_tiny_unet, digits8, tmp_path):
+    images, _ = digits8
+    calls = []
+
+    def loss_fn(model, x0, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt          # half way through step 3: nothing of it may be saved
+        return LOSS(model, x0, **kwargs)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(make_tiny_unet(perturb=False), images, loss_fn, config=quick_config(steps=8, checkpoint_minutes=None),
+              out_dir=tmp_path)
+    assert [p.name for p in checkpoints.run_checkpoints(tmp_path)] == []     # nothing whole to keep
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        train(make_tiny_unet(perturb=False), images, loss_fn, config=quick_config(steps=8, checkpoint_every=2),
+              out_dir=tmp_path / "b")
+    assert [p.name for p in checkpoints.run_checkpoints(tmp_path / "b")] == ["step_00000002"]
+
+
+# --- issue 12 (3): no bad number passes silently -------------------------------------------------------
+
+nan, inf = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("name, value", [
+    ("lr", inf), ("lr", nan), ("lr", 0.0), ("lr", -1e-3),
+    ("batch_size", 0), ("batch_size", -4), ("batch_size", 2.5),
+    ("minutes", nan), ("minutes", inf), ("minutes", 0), ("minutes", -1.0),
+    ("steps", 0), ("steps", -3), ("steps", True),
+    ("grad_clip", -1.0), ("grad_clip", nan), ("grad_clip", inf),
+    ("ema_decay", 1.0), ("ema_decay", -0.1), ("ema_decay", nan),
+    ("warmup_steps", -1), ("checkpoint_every", -1), ("checkpoint_minutes", 0), ("checkpoint_minutes", nan),
+    ("label_dropout", -0.1), ("label_dropout", 1.5), ("label_dropout", nan),
+    ("weight_decay", -0.1), ("keep_checkpoints", 0), ("precision", "float16"), ("seed", 1.5),
+])
+def test_train_config_rejects_bad_numbers_naming_the_field(name, value):
+    with pytest.raises(ValueError) as raised:
+        TrainConfig(**{"steps": 10, name: value})
+    message = str(raised.value)
+    assert f"TrainConfig.{name} must be" in message and f"got {value!r}" in message
+
+
+def test_train_config_accepts_the_edges():
+    TrainConfig(steps=1, minutes=None, warmup_steps=0, grad_clip=0, ema_decay=0.0, label_dropout=1.0,
+                checkpoint_every=0, checkpoint_minutes=None, keep_checkpoints=1)
+
+
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(make_tiny_unet, digits8, tmp_path):
+    images, _ = digits8
+    calls = []
+
+    def loss_fn(model, x0, **kwargs):
+        calls.append(1)
+        loss = LOSS(model, x0, **kwargs)
+        return loss * nan if len(calls) == 4 else loss
+
+    with pytest.raises(FloatingPointError, match="The loss became nan at step 4"):
+        train(make_tiny_unet(perturb=False), images, loss_fn, config=quick_config(steps=8, checkpoint_every=1),
+              out_dir=tmp_path)
+    assert checkpoints.latest_checkpoint(tmp_path).name == "step_00000003"
+    model = checkpoints.load_checkpoint(tmp_path).model
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def test_exploding_weights_never_reach_a_checkpoint(make_tiny_unet, digits8, tmp_path):
+    """`train --lr inf` used to save a checkpoint of NaNs; lr = 1e30 is finite but blows the weights up."""
+    images, _ = digits8
+    with pytest.raises(FloatingPointError, match="no longer finite|The loss became"):
+        train(make_tiny_unet(perturb=False), images, LOSS, out_dir=tmp_path,
+              config=quick_config(steps=6, lr=1e30, warmup_steps=0, grad_clip=0, checkpoint_every=1))
+    for folder in checkpoints.run_checkpoints(tmp_path):
+        model = checkpoints.load_checkpoint(folder).model
+        assert all(bool(torch.isfinite(p).all()) for p in model.parameters()), folder
+
+
+# --- issue 12 (5): pruning touches only the loop's own checkpoints, crash-safely -------------------------
+
+def test_pruning_spares_a_users_folders(make_tiny_unet, digits8, tmp_path):
+    images, _ = digits8
+    best = tmp_path / "step_00000002_best"
+    best.mkdir()
+    (best / "notes.txt").write_text("my best run")
+    final = checkpoints.save_checkpoint(tmp_path / "step_final", make_tiny_unet(), linear_schedule())
+    foreign = tmp_path / "step_00000009"              # the exact pattern, but not this package's config.json
+    foreign.mkdir()
+    (foreign / "config.json").write_text(json.dumps({"format": "something-else"}))
+    train(make_tiny_unet(perturb=False), images, LOSS, out_dir=tmp_path, resume=True,
+          config=quick_config(steps=4, checkpoint_every=1, keep_checkpoints=1))
+    assert (best / "notes.txt").read_text() == "my best run"
+    assert (final / "model.safetensors").is_file() and (foreign / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000002_best", "step_00000004", "step_00000009",
+                                                          "step_final"]
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_a_crash_while_pruning_leaves_no_half_checkpoint(make_tiny_unet, tmp_path, monkeypatch):
+    for step in (1, 2, 3):
+        checkpoints.save_checkpoint(tmp_path / f"step_{step:08d}", make_tiny_unet(), linear_schedule(), step=step)
+
+    def killed_midway(folder, *args, **kwargs):
+        (folder / "model.safetensors").unlink()       # the weights are gone, config.json is not yet
+        raise KeyboardInterrupt("killed while deleting")
+
+    monkeypatch.setattr(checkpoints.shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoints.prune_checkpoints(tmp_path, keep=1)
+    monkeypatch.undo()
+    for folder in checkpoints.run_checkpoints(tmp_path):       # every step_* folder left is whole
+        checkpoints.load_checkpoint(folder)
+    assert checkpoints.latest_checkpoint(tmp_path).name == "step_00000003"
+    checkpoints.clean_leftovers(tmp_path)                      # the half-deleted folder is ours: removed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000002", "step_00000003"]
+
+
+def test_leftovers_of_dead_processes_are_cleaned_up(make_tiny_unet, digits8, tmp_path):
+    """Killed saves used to leave .step_N.partial-PID folders forever (11 folders after 30 kills)."""
+    images, _ = digits8
+    train(make_tiny_unet(perturb=False), images, LOSS, config=quick_config(steps=4), out_dir=tmp_path)
+    dead, alive = dead_pid(), os.getppid()
+    # killed between moving the old step_4 aside and putting the new one in place
+    os.rename(tmp_path / "step_00000004", tmp_path / f".step_00000004.old-{dead}")
+    for name in (f".step_00000005.partial-{dead}", f".step_00000006.partial-{alive}", f".notes.partial-{dead}"):
+        (tmp_path / name).mkdir()
+    result = train(make_tiny_unet(perturb=False), images, LOSS, config=quick_config(steps=5), out_dir=tmp_path,
+                   resume=True)
+    assert result.step == 5 and len(result.losses) == 1      # resumed from the step_4 that was moved back
+    # the dead process's partial save is gone; the live process's and the user's hidden folder stay.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".notes.partial-{dead}", f".step_00000006.partial-{alive}",
+                                                          "step_00000004", "step_00000005"]
+
+
+# --- issue 12 (6): one run per folder ----------------------------------------------------------------
+
+def test_a_second_run_on_the_same_folder_fails_fast(make_tiny_unet, digits8, tmp_path):
+    images, _ = digits8
+    (tmp_path / checkpoints.LOCK_FILE).write_text(f"{os.getppid()}\n")      # a live process holds it
+    calls = []
+    with pytest.raises(FileExistsError, match="in use by another training run"):
+        train(make_tiny_unet(perturb=False), images, LOSS, config=quick_config(), out_dir=tmp_path,
+              callback=lambda step, loss: calls.append(step))
+    assert calls == [] and list(tmp_path.iterdir()) == [tmp_path / checkpoints.LOCK_FILE]
+
+
+def test_a_stale_lock_is_taken_over(make_tiny_unet, digits8, tmp_path):
+    images, _ = digits8
+    (tmp_path / checkpoints.LOCK_FILE).write_text(f"{dead_pid()}\n")
+    result = train(make_tiny_unet(perturb=False), images, LOSS, config=quick_config(steps=2), out_dir=tmp_path)
+    assert result.step == 2 and not (tmp_path / checkpoints.LOCK_FILE).exists()
+
+
+def test_the_lock_is_held_during_the_run(make_tiny_unet, digits8, tmp_path):
+    images, _ = digits8
+    seen = []
+    train(make_tiny_unet(perturb=False), images, LOSS, config=quick_config(steps=1), out_dir=tmp_path,
+          callback=lambda step, loss: seen.append((tmp_path / checkpoints.LOCK_FILE).read_text().strip()))
+    assert seen == [str(os.getpid())]
+
+
+# --- issue 12 (8): resume refuses other settings --------------------------------------------------------
+
+def test_resume_refuses_other_settings_naming_each(make_tiny_unet, digits8, tmp_path):
+    images, _ = digits8
+    train(make_tiny_unet(perturb=False), images, LOSS, config=quick_config(steps=2), out_dir=tmp_path, info=INFO)
+    other_info = {**INFO, "schedule": cosine_schedule().to_config()}
+    with pytest.raises(ValueError) as raised:
+        train(make_tiny_unet(perturb=False), images, LOSS, config=quick_config(steps=4, lr=1e-3, batch_size=8),
+              out_dir=tmp_path, resume=True, info=other_info)
+    message = str(raised.value)
+    for key in ("train_config.lr", "train_config.batch_size", "info.schedule"):
+        assert key in message, message
+    assert "train_config.steps" not in message                  # budgets may grow: that extends a run
+    assert checkpoints.latest_checkpoint(tmp_path).name == "step_00000002"
+
+
+def test_resume_with_another_model_config_is_a_clear_error(make_tiny_unet, digits8, tmp_path):
+    from diffusion_course.unet import UNet, UNetConfig
+    images, _ = digits8
+    train(make_tiny_unet(perturb=False), images, LOSS, config=quick_config(steps=2), out_dir=tmp_path)
+    wider = UNet(UNetConfig(in_channels=1, image_size=8, base_channels=16, channel_mults=(1, 2)))
+    with pytest.raises(ValueError, match=r"model\.base_channels \(stored 8, now 16\)"):
+        train(wider, images, LOSS, config=quick_config(steps=4), out_dir=tmp_path, resume=True)
+
+
+# --- issue 12 (9): the output folder is checked before the first step -----------------------------------
+
+def test_an_out_dir_that_is_a_file_fails_before_training(make_tiny_unet, digits8, tmp_path):
+    images, _ = digits8
+    (tmp_path / "out").write_text("not a folder")
+    calls = []
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        train(make_tiny_unet(perturb=False), images, LOSS, config=quick_config(), out_dir=tmp_path / "out",
+              callback=lambda step, loss: calls.append(step))
+    assert calls == []
+
+
+def test_an_unwritable_out_dir_fails_before_training(make_tiny_unet, digits8, tmp_path, monkeypatch):
+    images, _ = digits8
+    real_open = os.open
+
+    def read_only(path, flags, *args):
+        if flags & os.O_CREAT:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(checkpoints.os, "open", read_only)      # as root, chmod would not stop us
+    calls = []
+    with pytest.raises(PermissionError, match="Cannot write to the run folder"):
+        train(make_tiny_unet(perturb=False), images, LOSS, config=quick_config(), out_dir=tmp_path,
+              callback=lambda step, loss: calls.append(step))
+    assert calls == []
+
+
+@pytest.mark.skipif(os.name == "nt" or os.geteuid() == 0, reason="file permissions do not bind root")
+def test_a_read_only_out_dir_fails_before_training(make_tiny_unet, digits8, tmp_path):
+    images, _ = digits8
+    tmp_path.chmod(0o500)
+    try:
+        with pytest.raises(PermissionError, match="Cannot write to the run folder"):
+            train(make_tiny_unet(perturb=False), images, LOSS, config=quick_config(), out_dir=tmp_path / "run")
+    finally:
+        tmp_path.chmod(0o700)
+
+
+def test_an_unsaveable_model_fails_before_training(digits8, tmp_path):
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, x_t, t, cond=None):
+            return self.scale * x_t
+
+    images, _ = digits8
+    with pytest.raises(ValueError, match="Cannot save a Tiny"):
+        train(Tiny(), images, LOSS, config=quick_config(), out_dir=tmp_path)
+    assert train(Tiny(), images, LOSS, config=quick_config(steps=2)).step == 2      # no out_dir: fine
+
+
+def test_info_must_be_json(tiny_unet, digits8):
+    images, _ = digits8
+    with pytest.raises(ValueError, match="info must hold JSON values"):
+        train(tiny_unet, images, LOSS, config=quick_config(), info={"schedule": linear_schedule()})
