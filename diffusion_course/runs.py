@@ -99,6 +99,11 @@ class TrainConfig:
         for name, ok, expected in _field_checks(self):
             if not ok:
                 raise ValueError(f"TrainConfig.{name} must be {expected}, got {getattr(self, name)!r}.")
+        for name, value in asdict(self).items():   # plain Python numbers (e.g. from numpy), so they go to JSON
+            if _whole(value):
+                object.__setattr__(self, name, int(value))
+            elif _finite(value):
+                object.__setattr__(self, name, float(value))
 
 
 class TrainResult(NamedTuple):

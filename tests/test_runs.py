@@ -1,9 +1,9 @@
 """The training loop (runs.py): a real (tiny) overfit on MNIST digits, budgets, checkpoints by steps and
 by time, exact resumption, saving on Ctrl-C and SIGTERM, the lock, resume checks, input and config checks."""
 
+import dataclasses
 import functools
 import json
-import math
 import os
 import signal
 import subprocess
@@ -292,6 +292,12 @@ def test_train_config_rejects_bad_numbers_naming_the_field(name, value):
         TrainConfig(**{"steps": 10, name: value})
     message = str(raised.value)
     assert f"TrainConfig.{name} must be" in message and f"got {value!r}" in message
+
+
+def test_train_config_takes_numpy_numbers_as_plain_ones():
+    import numpy as np
+    config = TrainConfig(steps=np.int64(3), lr=np.float32(1e-3))
+    assert type(config.steps) is int and type(config.lr) is float and json.dumps(dataclasses.asdict(config))
 
 
 def test_train_config_accepts_the_edges():
