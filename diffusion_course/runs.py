@@ -134,7 +134,7 @@ def train(model: nn.Module, images: Tensor, loss_fn: Callable[..., Tensor], *, c
         FloatingPointError when the loss is not finite (no checkpoint is written for it).
     """
     _check_training_data(model, images, labels)
-    facts = _as_json(info or {}, "info")
+    facts = _run_facts(info)
     with contextlib.ExitStack() as stack:
         folder = None if out_dir is None else stack.enter_context(checkpoints.lock_run_folder(out_dir))
         run = _start(model, images, labels, loss_fn, config, folder, resume, facts)
@@ -380,6 +380,15 @@ def _check_training_data(model: nn.Module, images: Tensor, labels: Tensor | None
     if labels is not None and (not isinstance(labels, Tensor) or labels.shape[:1] != images.shape[:1]):
         got = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
         raise ValueError(f"labels must have shape ({images.shape[0]},) (one per image), got {got}.")
+
+
+def _run_facts(info: dict | None) -> dict:
+    """The caller's info as JSON, checked before the first step (not at the first save)."""
+    facts = _as_json(info or {}, "info")
+    clash = sorted(set(facts) & set(checkpoints.RESERVED_KEYS + RUN_KEYS))
+    if clash:
+        raise ValueError(f"info may not set {clash}: the checkpoints and the loop write these keys themselves.")
+    return facts
 
 
 def _as_json(facts: dict, what: str) -> dict:

@@ -505,3 +505,5 @@ def test_info_must_be_json(tiny_unet, digits8):
     images, _ = digits8
     with pytest.raises(ValueError, match="info must hold JSON values"):
         train(tiny_unet, images, LOSS, config=quick_config(), info={"schedule": linear_schedule()})
+    with pytest.raises(ValueError, match=r"info may not set \['seconds', 'step'\]"):
+        train(tiny_unet, images, LOSS, config=quick_config(), info={"step": 3, "seconds": 1.0})
