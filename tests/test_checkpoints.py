@@ -30,8 +30,8 @@ def file_bytes(folder):
 def test_round_trip_gives_identical_outputs(tiny_cond_unet, tmp_path):
     schedule = cosine_schedule(500)
     state = {"rng": torch.arange(5, dtype=torch.uint8), "model.x": torch.randn(2, 3)}
-    path = save_checkpoint(tmp_path / "ckpt", tiny_cond_unet, schedule, step=7, dataset="mnist",
-                           extra={"note": "hello"}, training_state=state)
+    path = save_checkpoint(tmp_path / "ckpt", tiny_cond_unet, schedule, step=7,
+                           info={"dataset": "mnist", "note": "hello"}, training_state=state)
     assert path == tmp_path / "ckpt"
     assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors",
                                                       "training_state.safetensors"]
@@ -96,7 +96,7 @@ def test_pretrained_mnist(request):
     t = torch.randint(50, 900, (32,), generator=generator)
     noise = torch.randn(x0.shape, generator=generator)
     with torch.no_grad():
-        loss = diffusion_loss(loaded.model, x0, loaded.schedule, labels, t, noise).item()
+        loss = diffusion_loss(loaded.model, x0, loaded.schedule, cond=labels, t=t, noise=noise).item()
     assert loss < 0.3, f"the pretrained model's loss on real digits is {loss:.3f}"
 
 
@@ -208,3 +208,100 @@ def test_loading_never_unpickles(tiny_cond_unet, tmp_path, monkeypatch):
     loaded = load_checkpoint(tmp_path)
     assert torch.equal(probe(loaded.model), probe(tiny_cond_unet))
     assert torch.equal(load_training_state(tmp_path)["a"], torch.ones(3))
+
+
+# --- model types, optional schedule, run state --------------------------------------------------------
+
+def test_config_json_names_the_model_type_and_old_files_load_as_unet(tiny_unet, tmp_path):
+    save_checkpoint(tmp_path, tiny_unet, linear_schedule())
+    info = json.loads((tmp_path / "config.json").read_text())
+    assert info["type"] == "unet" and checkpoints.MODELS["unet"][0] is type(tiny_unet)
+    del info["type"]                                     # a file written before the registry
+    (tmp_path / "config.json").write_text(json.dumps(info))
+    assert torch.equal(probe(load_checkpoint(tmp_path).model), probe(tiny_unet))
+    info["type"] = "transformer"
+    (tmp_path / "config.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match="unknown model type 'transformer'"):
+        load_checkpoint(tmp_path)
+
+
+def test_the_shipped_model_still_verifies():
+    """The pretrained files are not rewritten: they have no "type" and their SHA-256s still match."""
+    folder = checkpoints.PRETRAINED_DIR / "mnist"
+    info = checkpoints.read_info(folder)
+    assert "type" not in info
+    assert checkpoints._sha256(folder / "model.safetensors") == info["sha256"]["model.safetensors"]
+    assert isinstance(load_checkpoint("mnist").model, checkpoints.MODELS["unet"][0])
+
+
+def test_a_model_without_a_schedule_round_trips(tiny_unet, tmp_path):
+    save_checkpoint(tmp_path, tiny_unet, None, info={"objective": "flow matching"})
+    loaded = load_checkpoint(tmp_path)
+    assert loaded.schedule is None and loaded.info["objective"] == "flow matching"
+    save_checkpoint(tmp_path / "b", tiny_unet, info={"schedule": cosine_schedule(500).to_config()})
+    assert load_checkpoint(tmp_path / "b").schedule.num_steps == 500       # a schedule given as info
+
+
+def test_info_may_not_overwrite_the_checkpoints_own_keys(tiny_unet, tmp_path):
+    with pytest.raises(ValueError, match=r"info may not set \['step'\]"):
+        save_checkpoint(tmp_path, tiny_unet, linear_schedule(), info={"step": 3})
+    with pytest.raises(ValueError, match="differs from the schedule given"):
+        save_checkpoint(tmp_path, tiny_unet, linear_schedule(), info={"schedule": cosine_schedule().to_config()})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_run_state_round_trip(make_tiny_unet, tmp_path):
+    """The optimizer's whole state_dict, the generator and the data order come back exactly."""
+    model, ema_model = make_tiny_unet(seed=0).train(), make_tiny_unet(seed=1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(2):
+        diffusion_loss(model, torch.rand(4, 1, 8, 8) * 2 - 1, linear_schedule()).backward()
+        optimizer.step()
+    optimizer.param_groups[0]["lr"] = 5e-4
+    generator = torch.Generator().manual_seed(11)
+    torch.rand(3, generator=generator)
+    order = torch.tensor([5, 2, 7])
+    checkpoints.save_run_state(tmp_path / "step_00000002", model, ema_model, optimizer, generator=generator,
+                               order=order, step=2, info={"seconds": 1.5})
+    model2, ema2 = make_tiny_unet(seed=5), make_tiny_unet(seed=6)
+    optimizer2 = torch.optim.AdamW(model2.parameters(), lr=1e-3)
+    generator2 = torch.Generator()
+    state = checkpoints.load_run_state(tmp_path / "step_00000002", model2, ema2, optimizer2, generator=generator2)
+    assert state.step == 2 and torch.equal(state.order, order) and state.info["seconds"] == 1.5
+    assert torch.equal(probe(model2.eval()), probe(model.eval())) and torch.equal(probe(ema2), probe(ema_model))
+    assert torch.equal(generator2.get_state(), generator.get_state())
+    saved, loaded = optimizer.state_dict(), optimizer2.state_dict()
+    assert saved["param_groups"] == loaded["param_groups"]
+    assert saved["state"].keys() == loaded["state"].keys()
+    for index, values in saved["state"].items():
+        assert all(torch.equal(torch.as_tensor(v), torch.as_tensor(loaded["state"][index][k])) for k, v in values.items())
+    assert load_checkpoint(tmp_path).path.name == "step_00000002"        # a run folder of one checkpoint
+
+
+# --- issue 12 (5) and (11): only our own folders are sorted, pruned or replaced ------------------------
+
+def test_latest_checkpoint_ignores_a_users_step_folders(make_tiny_unet, tmp_path):
+    """`latest_checkpoint` used to sort step_final (and step_00000002_best) last and pick it."""
+    save_checkpoint(tmp_path / "step_00000001", make_tiny_unet(seed=1), linear_schedule(), step=1)
+    for name in ("step_final", "step_00000002_best", "step_123"):
+        save_checkpoint(tmp_path / name, make_tiny_unet(seed=2), linear_schedule(), step=99)
+    assert latest_checkpoint(tmp_path).name == "step_00000001"
+    assert [p.name for p in checkpoints.run_checkpoints(tmp_path)] == ["step_00000001"]
+    checkpoints.prune_checkpoints(tmp_path, keep=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001", "step_00000002_best", "step_123",
+                                                          "step_final"]
+
+
+def test_saving_onto_a_folder_that_is_not_a_checkpoint_refuses(tiny_unet, tmp_path):
+    """`save_checkpoint` onto an existing non-checkpoint folder used to delete what was in it."""
+    folder = tmp_path / "my_notes"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="Refusing to replace .*my_notes: it exists and is not a"):
+        save_checkpoint(folder, tiny_unet, linear_schedule())
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"] and (folder / "notes.txt").read_text() == "keep me"
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(FileExistsError, match="Refusing to replace"):
+        save_checkpoint(tmp_path / "a_file", tiny_unet, linear_schedule())
+    assert (tmp_path / "a_file").read_text() == "x"
+    assert not list(tmp_path.glob(".*")), "no temporary folders may be left behind"
