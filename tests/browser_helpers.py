@@ -27,14 +27,14 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import pytest
 from PIL import Image
 
-CHROMIUM = "/usr/bin/chromium"
+CHROMIUM = os.environ.get("DIFFUSION_COURSE_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
-INSTALL_HINT = ("Install them with `sudo .ci/install-browser` (Debian's chromium) and "
-                "`pip install -e \".[test]\"` (the Python package playwright), or leave the browser "
-                "tests out with `pytest -m \"not browser\"`.")
+INSTALL_HINT = ("install Debian's chromium (`sudo bash .ci/install-browser`) or set DIFFUSION_COURSE_CHROMIUM "
+                "to a Chromium executable; CI installs it. Leave these tests out with `pytest -m \"not browser\"`.")
 
 # Lab settings for the throw-away server: no news or update checks (they would reach the network
 # and pop up a toast over the notebook). Everything else keeps JupyterLab's defaults.
@@ -42,6 +42,33 @@ LAB_SETTINGS = {
     "@jupyterlab/apputils-extension/notification.jupyterlab-settings":
         {"fetchNews": "false", "checkForUpdates": False},
 }
+
+
+def missing_browser() -> str | None:
+    """Why the browser tests cannot run on this machine, or None when they can."""
+    try:
+        import playwright.sync_api  # noqa: F401  (the Python package from the "test" extra)
+    except ImportError:
+        return f"The Python package playwright is not installed (`pip install -e \".[test]\"`); {INSTALL_HINT}"
+    if not os.access(CHROMIUM, os.X_OK):
+        return f"Chromium not found at {CHROMIUM}; {INSTALL_HINT}"
+    return None
+
+
+def in_ci() -> bool:
+    """True when the environment variable CI is set (to anything but "", "0" or "false")."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false")
+
+
+def require_browser() -> None:
+    """Skip the calling test when no browser can be driven here, with the reason; in CI, fail
+    instead: CI installs the browser (.ci/install-browser), so a missing one is a broken setup."""
+    reason = missing_browser()
+    if reason is None:
+        return
+    if in_ci():
+        pytest.fail(f"CI is set, so the browser tests must run, but: {reason}", pytrace=False)
+    pytest.skip(reason)
 
 
 def wait_until(condition: Callable[[], object], timeout: float, interval: float = 0.25,

@@ -6,8 +6,10 @@ no cell shows an error, then moves an explorer's slider with the keyboard and ch
 readout and the picture follow. Screenshots go to the folder $DIFFUSION_COURSE_ARTIFACTS (or a
 pytest temporary folder when it is not set); the path is printed.
 
-Needs /usr/bin/chromium (`.ci/install-browser`) and the Python package playwright (the "test"
-extra). Without them these tests FAIL; leave them out with `pytest -m "not browser"`.
+Needs Chromium (/usr/bin/chromium from `.ci/install-browser`, or the path in
+$DIFFUSION_COURSE_CHROMIUM) and the Python package playwright (the "test" extra). Without them
+these tests are skipped with the reason, except when the environment variable CI is set: CI
+installs the browser, so there they FAIL. Leave them out with `pytest -m "not browser"`.
 """
 
 from __future__ import annotations
@@ -49,19 +51,17 @@ def artifacts(request, tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module", autouse=True)
+def browser_available():
+    """Skip (or, in CI, fail) before any server starts when no browser can be driven here."""
+    bh.require_browser()
+
+
 @pytest.fixture(scope="module")
-def browser():
+def browser(browser_available):
     """Debian's Chromium, headless, through Playwright (its own browser download is not used)."""
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        sync_playwright = None
-    if sync_playwright is None:
-        pytest.fail(f"The browser tests need the Python package playwright, which is not installed. "
-                    f"{bh.INSTALL_HINT}", pytrace=False)
-    if not os.access(bh.CHROMIUM, os.X_OK):
-        pytest.fail(f"The browser tests need Debian's Chromium at {bh.CHROMIUM}, which is missing. "
-                    f"{bh.INSTALL_HINT}", pytrace=False)
+    from playwright.sync_api import sync_playwright
+
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=bh.CHROMIUM, args=bh.CHROMIUM_ARGS)
         yield chromium

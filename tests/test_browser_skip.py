@@ -1,0 +1,54 @@
+"""The browser tests skip with a reason on a machine without Chromium, and fail in CI (issue 17):
+the decision in browser_helpers.require_browser, with the lookup monkeypatched."""
+
+from __future__ import annotations
+
+import pytest
+
+import browser_helpers as bh
+
+
+@pytest.fixture
+def no_chromium(monkeypatch, tmp_path):
+    missing = str(tmp_path / "no-such-chromium")
+    monkeypatch.setattr(bh, "CHROMIUM", missing)
+    return missing
+
+
+@pytest.mark.parametrize("ci", [None, "", "0", "false"])
+def test_a_missing_chromium_skips_with_the_reason(monkeypatch, no_chromium, ci):
+    if ci is None:
+        monkeypatch.delenv("CI", raising=False)
+    else:
+        monkeypatch.setenv("CI", ci)
+    pytest.importorskip("playwright.sync_api")
+    with pytest.raises(pytest.skip.Exception) as skipped:
+        bh.require_browser()
+    message = str(skipped.value)
+    assert message.startswith(f"Chromium not found at {no_chromium}; install Debian's chromium")
+    assert "DIFFUSION_COURSE_CHROMIUM" in message and "CI installs it" in message
+
+
+@pytest.mark.parametrize("ci", ["true", "1", "yes"])
+def test_a_missing_chromium_fails_in_ci(monkeypatch, no_chromium, ci):
+    monkeypatch.setenv("CI", ci)
+    with pytest.raises(pytest.fail.Exception, match="CI is set, so the browser tests must run, but: "):
+        bh.require_browser()
+
+
+def test_a_missing_playwright_is_named(monkeypatch):
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.setitem(__import__("sys").modules, "playwright.sync_api", None)    # import fails
+    with pytest.raises(pytest.skip.Exception, match="playwright is not installed"):
+        bh.require_browser()
+
+
+def test_a_present_browser_runs(monkeypatch, tmp_path):
+    fake = tmp_path / "chromium"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(bh, "CHROMIUM", str(fake))
+    monkeypatch.setenv("CI", "true")
+    pytest.importorskip("playwright.sync_api")
+    assert bh.missing_browser() is None
+    bh.require_browser()        # neither skips nor fails
