@@ -86,10 +86,34 @@ DATASETS: dict[str, DatasetInfo] = {
 }
 
 
+def parse_labels(text: str, num: int, num_classes: int | None, flag: str = "--labels") -> Tensor | None:
+    """Labels from the command line's spec: 'all' -> num labels spread evenly over the classes,
+    'none' -> None, '3,7' -> those labels, cycled to num. `flag` names the option in errors."""
+    if text == "none":
+        return None
+    if num_classes is None:
+        raise ValueError(f"This checkpoint is unconditional: leave out {flag} (or use --labels none).")
+    if text == "all":
+        return torch.arange(num) % num_classes
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{flag} must be 'all', 'none' or comma-separated integers, got {text!r}.") from None
+    if any(not 0 <= v < num_classes for v in values):
+        raise ValueError(f"{flag} must lie in [0, {num_classes}), got {text!r}.")
+    return torch.tensor(values)[torch.arange(num) % len(values)]
+
+
 class Dataset(NamedTuple):
     images: Tensor   # (N, C, H, W) float32 in [-1, 1]
     labels: Tensor   # (N,) int64 class labels
     name: str        # a key of DATASETS
+
+    def image(self, index: int, what: str = "index") -> Tensor:
+        """Image `index` as a (1, C, H, W) batch, with a clear error when there is no such image."""
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(self.images):
+            raise ValueError(f"{what} must lie in [0, {len(self.images)}), got {index!r}.")
+        return self.images[index:index + 1]
 
 
 def dataset_info(name: str) -> DatasetInfo:

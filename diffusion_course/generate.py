@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import sampling
+from . import data, sampling
 from .guidance import guided
 from .schedules import NoiseSchedule
 
@@ -72,6 +73,17 @@ def generate_batches(model, schedule: NoiseSchedule, *, num: int, shape: tuple, 
                                            cond=None if cond is None else cond[part], clip_x0=clip_x0,
                                            callback=lambda step: bar.update(1))
             yield start, _finish(x if decode is None else decode(x), 1.0 if decode is not None else clip_x0)
+
+
+def generate_to_file(path, model, schedule: NoiseSchedule, *, num: int, shape: tuple, cond: Tensor | None = None,
+                     overwrite: bool = False, **options) -> Path:
+    """generate_batches streamed into a samples file (data.SampleWriter): memory stays bounded for
+    any `num`, and if the run is interrupted the finished samples are kept in s.partial.npz.
+    Returns the path of the .npz (a PNG grid is written beside it)."""
+    with data.SampleWriter(path, num, shape, overwrite=overwrite) as writer:
+        for start, images in generate_batches(model, schedule, num=num, shape=shape, cond=cond, **options):
+            writer.write(images, None if cond is None else cond[start:start + len(images)])
+    return writer.path
 
 
 def image_shape(model) -> tuple[int, int, int]:

@@ -55,7 +55,6 @@ CLASSIFIERS: dict[str, ClassifierSpec] = {
     "fashion_mnist": ClassifierSpec(PRETRAINED / "fashion_mnist_classifier", (32, 64), 5, True),
     "cifar10": ClassifierSpec(PRETRAINED / "cifar10_classifier", (64, 128, 256), 20, True),
 }
-CLASSIFIER_PATH = CLASSIFIERS["mnist"].folder   # the old name, kept until cli.py uses CLASSIFIERS
 
 
 class Classifier(nn.Module):
@@ -81,6 +80,16 @@ class Classifier(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))
+
+
+def dataset_for(images: Tensor) -> str:
+    """The first dataset with a classifier whose image shape fits (N, C, H, W) images: MNIST for
+    1 x 28 x 28 (Fashion-MNIST has the same shape: name it explicitly), CIFAR-10 for 3 x 32 x 32."""
+    fits = [name for name in CLASSIFIERS if data.dataset_info(name).shape == tuple(images.shape[1:])]
+    if not fits:
+        shapes = {name: data.dataset_info(name).shape for name in CLASSIFIERS}
+        raise ValueError(f"No classifier takes images of shape {tuple(images.shape[1:])}; expected one of {shapes}.")
+    return fits[0]
 
 
 def classifier_spec(dataset: str) -> ClassifierSpec:

@@ -18,6 +18,7 @@ continues bit-exactly where the latest checkpoint left off, and refuses settings
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import numbers
@@ -34,7 +35,8 @@ from tqdm.auto import tqdm
 
 from . import checkpoints
 from .guidance import drop_cond, has_null_cond
-from .training import EMA, train_step
+from .schedules import NoiseSchedule
+from .training import EMA, diffusion_loss, train_step
 
 # TrainConfig fields that may change when a run is resumed: budgets (that is how a run is
 # extended) and bookkeeping. Every other field changes the numbers, so it must match.
@@ -152,6 +154,31 @@ def train(model: nn.Module, images: Tensor, loss_fn: Callable[..., Tensor], *, c
         if stop.signum == signal.SIGTERM:
             raise SystemExit(128 + signal.SIGTERM)
     return TrainResult(model, run.ema.model, run.losses, run.step, run.seconds())
+
+
+def train_diffusion(model: nn.Module, dataset, schedule: NoiseSchedule, *, min_snr_gamma: float | None = 5.0,
+                    conditional: bool = True, device: str | torch.device = "cpu", **train_options) -> TrainResult:
+    """`train` with the course's objective: lesson 03's noise-prediction loss on `schedule`, each
+    image weighted by min(SNR, gamma) / SNR (Min-SNR; None: off), on a loaded data.Dataset. What
+    `diffusion-course train`, the benchmarks and lesson 03 run; the schedule, the dataset's name
+    and gamma are recorded in every checkpoint. train_options go to `train` (config, out_dir, ...)."""
+    loss_fn = functools.partial(diffusion_loss, schedule=schedule, min_snr_gamma=min_snr_gamma)
+    info = {"dataset": dataset.name, "schedule": schedule.to_config(), "min_snr_gamma": min_snr_gamma}
+    labels = dataset.labels.to(device) if conditional else None
+    return train(model, dataset.images.to(device), loss_fn, labels=labels, info=info, **train_options)
+
+
+def check_device(name: str | torch.device) -> torch.device:
+    """The torch.device called `name`, or a clear error when this machine does not have it."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"Unknown device {str(name)!r} ({error}); expected cpu, cuda, cuda:1, mps, ...") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"Device {name}: no CUDA GPU is available here (use cpu).")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"Device {name}: Apple's MPS is not available here (use cpu).")
+    return device
 
 
 def cpu_has_fast_bfloat16() -> bool:
