@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from diffusion_course import checkpoints, cli, data, metrics, schedules, training
+from diffusion_course import checkpoints, data, metrics, runs, schedules
 from diffusion_course.generate import generate
 from diffusion_course.unet import UNet, UNetConfig
 
@@ -23,7 +23,7 @@ def main() -> int:
         return 1
     device = torch.device("cuda")
     results = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
-    results["autocast_dtype"] = str(training.pick_autocast_dtype(device))
+    results["autocast_dtype"] = str(runs.pick_autocast_dtype(device))
 
     # The same model and inputs on CPU and GPU give the same noise prediction (float32).
     torch.manual_seed(0)
@@ -40,10 +40,9 @@ def main() -> int:
     torch.manual_seed(0)
     model = UNet(UNetConfig(num_classes=10)).to(device)
     schedule = schedules.cosine_schedule()
-    config = training.TrainConfig(steps=1500, minutes=None, batch_size=256, progress=False)
+    config = runs.TrainConfig(steps=1500, minutes=None, batch_size=256, progress=False)
     start = time.perf_counter()
-    result = training.train(model, dataset.images.to(device), schedule, config, dataset.labels.to(device),
-                            out_dir="/tmp/gpu_run", dataset="mnist")
+    result = runs.train_diffusion(model, dataset, schedule, device=device, config=config, out_dir="/tmp/gpu_run")
     results["train_steps"] = result.step
     results["train_seconds"] = round(time.perf_counter() - start, 1)
     results["train_images_per_second"] = round(result.step * config.batch_size / results["train_seconds"])

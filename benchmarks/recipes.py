@@ -26,14 +26,14 @@ if __package__ in (None, ""):      # run as `python benchmarks/recipes.py`
 import torch
 
 from benchmarks import common
-from diffusion_course import cli, data, metrics, schedules, training
+from diffusion_course import data, metrics, runs, schedules
 from diffusion_course.generate import generate
 from diffusion_course.unet import UNet, UNetConfig
 
 DEFAULT_RECIPES = ["before:min_snr_gamma=none,lr=0.002,warmup_steps=200",   # the defaults until Min-SNR came
                    "min-snr:lr=0.002,warmup_steps=200",
                    "default:"]
-TRAIN_FIELDS = {f.name for f in dataclasses.fields(training.TrainConfig)} - {"steps", "minutes", "progress", "seed"}
+TRAIN_FIELDS = ({f.name for f in dataclasses.fields(runs.TrainConfig)} | {"min_snr_gamma"}) - {"steps", "minutes", "progress", "seed"}
 
 
 def parse_recipe(text: str) -> tuple[str, dict]:
@@ -59,12 +59,13 @@ def run_recipe(overrides: dict, steps: int, num: int, seed: int, dataset) -> dic
     """Train one recipe for `steps` steps and evaluate its EMA weights on `num` samples."""
     overrides = dict(overrides)
     base_channels = overrides.pop("base_channels", UNetConfig.base_channels)
-    config = training.TrainConfig(steps=steps, minutes=None, seed=seed, progress=False, **overrides)
+    min_snr_gamma = overrides.pop("min_snr_gamma", 5.0)
+    config = runs.TrainConfig(steps=steps, minutes=None, seed=seed, progress=False, **overrides)
     torch.manual_seed(seed)
     model = UNet(UNetConfig(base_channels=base_channels, num_classes=10))
     start = time.perf_counter()
     schedule = schedules.cosine_schedule()
-    result = training.train(model, dataset.images, schedule, config, dataset.labels)
+    result = runs.train_diffusion(model, dataset, schedule, min_snr_gamma=min_snr_gamma, config=config)
     seconds = time.perf_counter() - start
     labels = torch.arange(num) % 10
     images = generate(result.ema_model, schedule, num=num, shape=(1, 28, 28), cond=labels, guidance_scale=3.0,
@@ -75,7 +76,8 @@ def run_recipe(overrides: dict, steps: int, num: int, seed: int, dataset) -> dic
             "final_loss": round(sum(result.losses[-50:]) / len(result.losses[-50:]), 4),
             "accuracy": round(report["accuracy"], 4), "frechet": round(report["frechet"], 2),
             "frechet_real_baseline": round(report["frechet_real_baseline"], 2),
-            "train_config": dataclasses.asdict(config), "base_channels": base_channels}
+            "train_config": {**dataclasses.asdict(config), "min_snr_gamma": min_snr_gamma},
+            "base_channels": base_channels}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,7 @@
     python -m benchmarks.time_to_quality --quick      (seconds; checks that it runs)
 
 The model is the one `diffusion-course train --dataset mnist` builds (class-conditional U-Net,
-UNetConfig defaults, cosine schedule) trained by `training.train` with the default TrainConfig.
+UNetConfig defaults, cosine schedule) trained by `runs.train_diffusion` with the default TrainConfig (Min-SNR gamma 5).
 Training runs in pieces up to each wall-time mark, resuming from the checkpoint saved at the
 previous one (budgets are totals, and saving and loading are not counted), so the evaluation, done
 after all training, never counts against the training clock. Each checkpoint (its EMA weights)
@@ -30,7 +30,7 @@ if __package__ in (None, ""):      # run as `python benchmarks/time_to_quality.p
 import torch
 
 from benchmarks import common
-from diffusion_course import checkpoints, cli, data, metrics, schedules, training
+from diffusion_course import checkpoints, cli, data, metrics, runs, schedules
 from diffusion_course.generate import generate
 from diffusion_course.unet import UNet, UNetConfig
 
@@ -51,17 +51,16 @@ def mark_key(minutes: float) -> str:
     return f"{minutes:g}_min"
 
 
-def train_to_marks(marks: list[float], run_dir: Path, config: training.TrainConfig, seed: int,
-                   base_channels: int, limit: int | None = None) -> list[Path]:
+def train_to_marks(marks: list[float], run_dir: Path, config: runs.TrainConfig, seed: int,
+                   base_channels: int, limit: int | None = None, min_snr_gamma: float | None = 5.0) -> list[Path]:
     """Train once, stopping at each mark to save a checkpoint; returns one folder per mark."""
     dataset = data.load_dataset("mnist", limit=limit)
     folders = []
     for i, minutes in enumerate(marks):
         torch.manual_seed(seed)     # the same initial weights as a single uninterrupted run
         model = UNet(UNetConfig(base_channels=base_channels, num_classes=10))
-        result = training.train(model, dataset.images, schedules.cosine_schedule(),
-                                replace(config, minutes=minutes),
-                                dataset.labels, out_dir=run_dir, resume=i > 0, dataset="mnist")
+        result = runs.train_diffusion(model, dataset, schedules.cosine_schedule(), min_snr_gamma=min_snr_gamma,
+                                      config=replace(config, minutes=minutes), out_dir=run_dir, resume=i > 0)
         folders.append(checkpoints.latest_checkpoint(run_dir))
         common.log(f"mark {minutes:g} min: step {result.step}, {result.seconds:.0f} s of training, "
                    f"loss (last 50 steps) {sum(result.losses[-50:]) / max(1, len(result.losses[-50:])):.4f}")
@@ -77,11 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", help="keep the checkpoints here (default: a temporary folder, deleted)")
     parser.add_argument("--seed", type=int, default=0)
     recipe = parser.add_argument_group("recipe (defaults: TrainConfig's and UNetConfig's)")
-    recipe.add_argument("--batch-size", type=int, default=training.TrainConfig.batch_size)
-    recipe.add_argument("--lr", type=float, default=training.TrainConfig.lr)
-    recipe.add_argument("--warmup-steps", type=int, default=training.TrainConfig.warmup_steps)
-    recipe.add_argument("--ema-decay", type=float, default=training.TrainConfig.ema_decay)
-    recipe.add_argument("--min-snr-gamma", type=cli.gamma_or_off, default=training.TrainConfig.min_snr_gamma,
+    recipe.add_argument("--batch-size", type=int, default=runs.TrainConfig.batch_size)
+    recipe.add_argument("--lr", type=float, default=runs.TrainConfig.lr)
+    recipe.add_argument("--warmup-steps", type=int, default=runs.TrainConfig.warmup_steps)
+    recipe.add_argument("--ema-decay", type=float, default=runs.TrainConfig.ema_decay)
+    recipe.add_argument("--min-snr-gamma", type=cli.gamma_or_off, default=5.0,
                         help="0 turns the Min-SNR loss weighting off")
     recipe.add_argument("--base-channels", type=int, default=UNetConfig.base_channels)
     args = parser.parse_args(argv)
@@ -96,10 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.num < 2:
         parser.error("--num must be at least 2 (a Frechet distance needs a spread).")
 
-    config = training.TrainConfig(minutes=marks[-1], batch_size=args.batch_size, lr=args.lr,
-                                  warmup_steps=args.warmup_steps, ema_decay=args.ema_decay,
-                                  min_snr_gamma=args.min_snr_gamma,
-                                  keep_checkpoints=len(marks) + 1, seed=args.seed, progress=not args.quick)
+    # One checkpoint per mark and no others (checkpoint_minutes=None), so none of the marks is pruned.
+    config = runs.TrainConfig(minutes=marks[-1], batch_size=args.batch_size, lr=args.lr,
+                              warmup_steps=args.warmup_steps, ema_decay=args.ema_decay, checkpoint_minutes=None,
+                              keep_checkpoints=len(marks) + 1, seed=args.seed, progress=not args.quick)
     info = common.machine_info()
     common.log(f"time_to_quality: marks {marks} min, {args.num} samples each; load average {info['load_average']}")
     run_dir = Path(args.run_dir) if args.run_dir else Path(tempfile.mkdtemp(prefix="time_to_quality-"))
@@ -107,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{run_dir} already holds checkpoints; choose an empty --run-dir.")
     try:
         start = time.perf_counter()
-        folders = train_to_marks(marks, run_dir, config, args.seed, args.base_channels, limit)
+        folders = train_to_marks(marks, run_dir, config, args.seed, args.base_channels, limit, args.min_snr_gamma)
         train_load = [round(x, 2) for x in os.getloadavg()]
         common.log(f"training done in {time.perf_counter() - start:.0f} s; evaluating ...")
         rows, per_mark = [], {}

@@ -4,7 +4,7 @@
     python -m benchmarks.train_speed --compile    (adds torch.compile: about 100 s more to compile)
     python -m benchmarks.train_speed --quick      (seconds; checks that it runs)
 
-One run measures, side by side: the naive float32 eager baseline, the path `training.train`
+One run measures, side by side: the naive float32 eager baseline, the path `runs.train`
 actually takes (timed through its callback), and variants (memory layout, optimizer
 implementation, threads, batch size, optionally torch.compile). Each variant runs `--rounds`
 times, interleaved with the others so that a burst of load from elsewhere hits them all alike;
@@ -17,6 +17,7 @@ train path reaches with the measured peak of a large matmul, in float32 and in b
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -30,13 +31,13 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import common
-from diffusion_course import schedules, training
+from diffusion_course import guidance, runs, schedules, training
 from diffusion_course.unet import UNet, UNetConfig, count_parameters
 
 MODEL_CONFIG = UNetConfig(num_classes=10)      # what `diffusion-course train --dataset mnist` builds
-BATCH_SIZE = training.TrainConfig.batch_size
+BATCH_SIZE = runs.TrainConfig.batch_size
 BASELINE = "fp32 eager (baseline)"
-TRAIN_PATH = "training.train (the course's path)"
+TRAIN_PATH = "runs.train (the course's path)"
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ def make_data(num: int = 2048, seed: int = 0) -> tuple[torch.Tensor, torch.Tenso
 
 def time_variant(variant: Variant, images, labels, steps: int, warmup: int) -> float:
     """Images per second of `steps` training steps (after `warmup` untimed ones), run the way
-    `training.train` runs them (train_step, then the EMA update) but with the variant's settings."""
+    `runs.train` runs them (train_step, then the EMA update) but with the variant's settings."""
     threads = torch.get_num_threads()
     if variant.threads is not None:
         torch.set_num_threads(variant.threads)
@@ -93,18 +94,18 @@ def time_variant(variant: Variant, images, labels, steps: int, warmup: int) -> f
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, **options[variant.optimizer])
         ema = training.EMA(model)
         step_model = torch.compile(model) if variant.compile else model
-        schedule = schedules.cosine_schedule()
+        loss_fn = functools.partial(training.diffusion_loss, schedule=schedules.cosine_schedule(), min_snr_gamma=5.0)
         generator = torch.Generator().manual_seed(0)
         start = None
         for step in range(warmup + steps):
             if step == warmup:
                 start = time.perf_counter()
             index = torch.randint(0, len(images), (variant.batch_size,), generator=generator)
-            cond = training.drop_labels(labels[index], model.null_class, 0.1, generator)
+            cond = guidance.drop_labels(labels[index], model.null_class, 0.1, generator)
             x0 = images[index]
             if variant.channels_last:
                 x0 = x0.contiguous(memory_format=torch.channels_last)
-            training.train_step(step_model, optimizer, x0, schedule, cond, generator=generator)
+            training.train_step(step_model, optimizer, x0, loss_fn, cond=cond, generator=generator)
             ema.update(model)
         return steps * variant.batch_size / (time.perf_counter() - start)
     finally:
@@ -112,7 +113,7 @@ def time_variant(variant: Variant, images, labels, steps: int, warmup: int) -> f
 
 
 def time_train_path(images, labels, steps: int, warmup: int, batch_size: int) -> float:
-    """Images per second of `training.train` itself with the default TrainConfig (but a step
+    """Images per second of `runs.train` itself with the default TrainConfig (but a step
     budget and the given batch size), timed from the end of the warm-up steps to the end of the last step."""
     stamps = {}
 
@@ -121,8 +122,9 @@ def time_train_path(images, labels, steps: int, warmup: int, batch_size: int) ->
 
     torch.manual_seed(0)
     model = UNet(MODEL_CONFIG)
-    config = training.TrainConfig(steps=warmup + steps, minutes=None, batch_size=batch_size, progress=False)
-    training.train(model, images, schedules.cosine_schedule(), config, labels, callback=callback)
+    config = runs.TrainConfig(steps=warmup + steps, minutes=None, batch_size=batch_size, progress=False)
+    loss_fn = functools.partial(training.diffusion_loss, schedule=schedules.cosine_schedule(), min_snr_gamma=5.0)
+    runs.train(model, images, loss_fn, config=config, labels=labels, callback=callback)
     return steps * config.batch_size / (stamps[warmup + steps] - stamps[warmup])
 
 
@@ -133,7 +135,7 @@ def flops_per_step(batch_size: int) -> int:
     images, labels = make_data(batch_size)
     counter = FlopCounterMode(display=False)
     with counter:
-        loss = training.diffusion_loss(model, images, schedules.cosine_schedule(), labels)
+        loss = training.diffusion_loss(model, images, schedules.cosine_schedule(), cond=labels)
         loss.backward()
     return counter.get_total_flops()
 
@@ -172,12 +174,12 @@ def main(argv: list[str] | None = None) -> int:
     common.log(f"train_speed: {info['cpu']}, {info['cores']} cores, flags {info['cpu_flags']}, "
                f"torch {info['torch']}, load average {info['load_average']}")
     images, labels = make_data()
-    autocast = training.pick_autocast_dtype(torch.device("cpu"))
-    common.log(f"training.pick_autocast_dtype(cpu) -> {autocast}")
+    autocast = runs.pick_autocast_dtype(torch.device("cpu"))
+    common.log(f"runs.pick_autocast_dtype(cpu) -> {autocast}")
 
     speeds: dict[str, list[float]] = {}
     for round_index in range(args.rounds):
-        common.log(f"round {round_index + 1}/{args.rounds}: training.train ...")
+        common.log(f"round {round_index + 1}/{args.rounds}: runs.train ...")
         speeds.setdefault(TRAIN_PATH, []).append(
             time_train_path(images, labels, args.steps, args.warmup, args.batch_size))
         for variant in all_variants:
@@ -199,14 +201,14 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"model: {count_parameters(UNet(MODEL_CONFIG)):,} parameters, {flops / 1e9:.2f} GFLOP per step "
           f"of {args.batch_size} images (forward + backward, convolutions and matmuls)")
-    print(f"training.train: {achieved / 1e9:.1f} GFLOP/s = {achieved / peak_fp32:.1%} of the float32 matmul "
+    print(f"runs.train: {achieved / 1e9:.1f} GFLOP/s = {achieved / peak_fp32:.1%} of the float32 matmul "
           f"peak ({peak_fp32 / 1e9:.0f} GFLOP/s); the bfloat16 matmul peak is {peak_bf16 / 1e9:.1f} GFLOP/s "
           f"(fraction {achieved / peak_bf16:.3g}: above 1 where this CPU has no native bfloat16 units and "
           f"float32 wins)")
     if autocast is None:
-        print("training.train picks plain float32 here, so it runs the same operations as the baseline: "
+        print("runs.train picks plain float32 here, so it runs the same operations as the baseline: "
               "the difference between those two rows is run-to-run noise (rerun on a quiet machine)")
-    print(f"autocast dtype picked by training.train: {autocast}; peak resident memory "
+    print(f"autocast dtype picked by runs.train: {autocast}; peak resident memory "
           f"{common.peak_memory_mib():.0f} MiB; load average {info['load_average']}")
 
     results = {
@@ -220,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": args.batch_size,
         "parameters": count_parameters(UNet(MODEL_CONFIG)),
         "autocast_dtype": str(autocast),
-        "note": ("training.train runs the same float32 operations as the baseline here, so "
+        "note": ("runs.train runs the same float32 operations as the baseline here, so "
                  "speedup_vs_fp32_eager differs from 1 by noise only") if autocast is None else None,
         "variants": {name: {"images_per_second": round(best[name], 1), "vs_baseline": round(best[name] / baseline, 3),
                             "rounds": [round(v, 1) for v in speeds[name]]} for name in best},
