@@ -1,8 +1,9 @@
 """Every exercise stub in lessons/ says what to write in words, never the code (issue 13).
 
 A stub is the message of `raise NotImplementedError("Exercise: ...")` that scripts/make_lessons.py
-writes from the `# HINT:` line of a solution block. It must end with "Stuck? checks.hint('NAME')"
-(NAME an exercise with hints), and apart from that ending it must hold no code: no call `word(`,
+writes from the `# HINT:` line of a solution block. An exercise's stub must end with "Stuck?
+checks.hint('NAME')" (NAME an exercise with hints; other stubs, such as a derivation's formula, have
+no such ending), and apart from that ending it must hold no code: no call `word(`,
 no dotted name `a.b`, no indexing `[`, no power `**`, no torch or schedules, and no piece of 12 or
 more characters of a solution line (whitespace removed on both sides).
 """
@@ -91,7 +92,9 @@ OLD_STUBS = {
     "inpaint_step": "known_t = x_known when t == -1, else schedules.q_sample(x_known, torch.full((B,), t), schedule, "
                     "noise); then mask * x_t + (1 - mask) * known_t",
 }
-EXERCISES = [exercise for lesson in LESSONS for exercise in exercises(lesson)]
+STUBS = [exercise for lesson in LESSONS for exercise in exercises(lesson)]
+EXERCISES = [stub for stub in STUBS if stub[0] in checks.HINTS]      # the checked exercises, with tiered hints
+OTHER_STUBS = [stub for stub in STUBS if stub[0] not in checks.HINTS]   # e.g. a derivation's formula cell
 
 
 def test_every_exercise_is_found():
@@ -106,6 +109,13 @@ def test_stub_is_words_only_and_points_to_its_hint(name, message, solution):
     words = message[:ending.start()]
     assert len(words.split()) >= 12, f"{name}: say what to write (inputs, output, the equation): {words!r}"
     assert code_in(words, solution) == [], f"{name}: the stub holds code: {words!r}"
+
+
+@pytest.mark.parametrize("name, message, solution", OTHER_STUBS, ids=[name for name, _, _ in OTHER_STUBS])
+def test_other_stubs_are_words_only_too(name, message, solution):
+    """Stubs without tiered hints (a derivation the learner writes, checked by checks.check_derivation)."""
+    assert len(message.split()) >= 8, f"{name}: say what to write in words: {message!r}"
+    assert code_in(message, solution) == [], f"{name}: the stub holds code: {message!r}"
 
 
 @pytest.mark.parametrize("name", sorted(OLD_STUBS))

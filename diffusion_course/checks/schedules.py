@@ -1,6 +1,11 @@
 """Lesson 01 (forward noising): checkers and hints for the exercises q_sample and cosine_alpha_bar.
 
-References: schedules.q_sample and schedules.cosine_schedule(...).alpha_bar.
+References: schedules.q_sample and schedules.cosine_schedule(...).alpha_bar. The lesson's
+prediction and derivation are measured with the references below, not with the formula the
+learner is asked to find:
+
+    snr_crosses_one(schedule)                    the first step whose SNR is below 1
+    variance_by_chain(x0, schedule, steps)       Var(x_t) of the step-by-step chain (Monte Carlo)
 """
 
 from __future__ import annotations
@@ -111,3 +116,38 @@ def check_cosine_alpha_bar(fn):
 
         _compare(got, want, diagnose, atol=1e-6, rtol=1e-5)
     return "your cosine alpha_bar matches the reference."
+
+
+# ----------------------------------------------------------------------------------------------
+# The references of lesson 01's prediction and derivation
+
+
+def snr_crosses_one(schedule) -> int:
+    """The first (zero-based) step t at which SNR(t) = alpha_bar_t / (1 - alpha_bar_t) is below 1,
+    i.e. the signal's variance has fallen below the noise's (alpha_bar_t < 1/2)."""
+    below = (schedules.snr(schedule) < 1).nonzero()
+    if len(below) == 0:
+        raise ValueError(f"the SNR of the {schedule.name} schedule never falls below 1.")
+    return int(below[0])
+
+
+def variance_by_chain(x0: Tensor, schedule, steps, *, generator: torch.Generator | None = None) -> Tensor:
+    """Monte Carlo Var(x_t) at the given steps, running the one-step recursion
+    x_t = sqrt(alpha_t) x_(t-1) + sqrt(beta_t) eps literally from x0 (never the closed form).
+
+    Args:
+        x0: (B, C, H, W) clean images; the variance is pooled over every pixel of every image.
+        steps: zero-based steps t at which to measure.
+    Returns:
+        (len(steps),) float64 tensor: the variance of all values of x_t at each step.
+    """
+    steps = [int(step) for step in steps]
+    if not steps or min(steps) < 0 or max(steps) >= schedule.num_steps:
+        raise ValueError(f"steps must be a non-empty list in [0, {schedule.num_steps}), got {steps!r}.")
+    x, measured = x0.double(), {}
+    for t in range(max(steps) + 1):
+        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+        x = schedule.alpha[t].double().sqrt() * x + schedule.beta[t].double().sqrt() * noise
+        if t in steps:
+            measured[t] = x.var()
+    return torch.stack([measured[t] for t in steps])

@@ -1,6 +1,9 @@
 """Lesson 02 (the U-Net): checkers and hints for the exercises timestep_embedding and res_block_forward.
 
-References: unet.timestep_embedding and unet.ResBlock.forward (block(x, emb)).
+References: unet.timestep_embedding and unet.ResBlock.forward (block(x, emb)). The lesson's
+derivation (how many parameters a residual block has) is compared with a count of the real block:
+
+    res_block_parameters_counted(shapes)   count_parameters(ResBlock(c_in, c_out, emb_dim)) per shape
 """
 
 from __future__ import annotations
@@ -127,3 +130,16 @@ def check_res_block_forward(fn):
         _compare(got, want, diagnose)
     return "your ResBlock forward pass matches block(x, emb)."
 
+
+
+# ----------------------------------------------------------------------------------------------
+# The reference of lesson 02's derivation
+
+
+def res_block_parameters_counted(shapes) -> torch.Tensor:
+    """The number of parameters of unet.ResBlock(c_in, c_out, emb_dim), counted on the module,
+    for each (c_in, c_out, emb_dim) in shapes; (len(shapes),) int64."""
+    shapes = [tuple(int(n) for n in shape) for shape in shapes]
+    if not shapes or any(len(shape) != 3 or min(shape) < 1 for shape in shapes):
+        raise ValueError(f"shapes must be a non-empty list of positive (c_in, c_out, emb_dim), got {shapes!r}.")
+    return torch.tensor([unet.count_parameters(unet.ResBlock(*shape)) for shape in shapes])
