@@ -176,18 +176,33 @@ def load_run_state(folder: str | Path, model: nn.Module, ema_model: nn.Module, o
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """Turn "mnist", a checkpoint folder or a run folder into one checkpoint folder."""
-    if str(path) == "mnist":
-        path = PRETRAINED_DIR / "mnist"
+    """Turn a checkpoint folder, a run folder or a shipped model's name ("mnist", or "pretrained:mnist")
+    into one checkpoint folder. A folder of yours named like a shipped model wins over it; a folder of
+    that name holding no checkpoint is a clash, reported with how to choose."""
+    name = str(path).removeprefix("pretrained:")
+    shipped = PRETRAINED_DIR / name
+    if str(path).startswith("pretrained:") or (name in shipped_models() and not Path(path).exists()):
+        if name not in shipped_models():
+            raise FileNotFoundError(f"No shipped model called {name!r}; the course ships {shipped_models()}.")
+        return shipped
     path = Path(path)
+    if name in shipped_models() and path.is_dir() and not (path / "config.json").is_file() \
+            and latest_checkpoint(path) is None:
+        raise ValueError(f"{name!r} is both a shipped model and the folder ./{path}, which holds no checkpoint: "
+                         f"say 'pretrained:{name}' for the shipped model, or train into ./{path} first.")
     if (path / "config.json").is_file():
         return path
     latest = latest_checkpoint(path) if path.is_dir() else None
     if latest is None:
         raise FileNotFoundError(f"No checkpoint at {path}: expected a folder with config.json and "
                                 "model.safetensors, a training run folder with step_* checkpoints, "
-                                "or 'mnist' for the course's pretrained model.")
+                                f"or a shipped model's name ({', '.join(shipped_models())}).")
     return latest
+
+
+def shipped_models() -> list[str]:
+    """The names of the models shipped inside the package ("mnist", ...)."""
+    return sorted(p.name for p in PRETRAINED_DIR.iterdir() if (p / "config.json").is_file() and "classifier" not in p.name)
 
 
 def run_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -278,6 +293,12 @@ def read_info(folder: Path) -> dict:
     if not isinstance(info, dict) or info.get("format") != FORMAT or info.get("version") != VERSION:
         got = info if not isinstance(info, dict) else f"format={info.get('format')!r}, version={info.get('version')!r}"
         raise ValueError(f"{folder} is not a diffusion-course checkpoint (version {VERSION}): {got}.")
+    for key, kind in (("model", dict), ("sha256", dict), ("step", int)):
+        if not isinstance(info.get(key), kind):
+            raise ValueError(f"{Path(folder) / 'config.json'} is damaged: {key!r} should be a {kind.__name__}, "
+                             f"got {info.get(key, 'nothing')!r}.")
+    if info.get("schedule") is not None and not isinstance(info["schedule"], dict):
+        raise ValueError(f"{Path(folder) / 'config.json'} is damaged: 'schedule' should be a dict, got {info['schedule']!r}.")
     return info
 
 

@@ -171,7 +171,7 @@ def run_sample(args) -> int:
                             overwrite=args.overwrite, guidance_scale=args.guidance, negative=args.negative,
                             sampler=args.sampler, sampling_steps=args.steps, seed=args.seed,
                             batch_size=args.batch_size, device=args.device, progress=args.num > 100)
-    print(f"wrote {args.num} samples to {path} (and its PNG) in {time.perf_counter() - start:.1f} s")
+    print(f"wrote {args.num} samples of {checkpoint.path} to {path} (and its PNG) in {time.perf_counter() - start:.1f} s")
     return 0
 
 

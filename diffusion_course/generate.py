@@ -59,6 +59,9 @@ def generate_batches(model, schedule: NoiseSchedule, *, num: int, shape: tuple, 
         there is no decode step).
     """
     _check_options(num, shape, cond, guidance_scale, seed, batch_size)
+    if not isinstance(schedule, NoiseSchedule):
+        raise ValueError(f"These samplers need the noise schedule the model was trained with, got {schedule!r} "
+                         "(a checkpoint without a 'schedule' in its config.json cannot be sampled this way).")
     generator = torch.Generator(device).manual_seed(seed)
     x_T = torch.randn(num, *shape, generator=generator, device=device)
     cond = None if cond is None else cond.to(device)

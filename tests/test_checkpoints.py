@@ -2,6 +2,7 @@
 
 import json
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -305,3 +306,42 @@ def test_saving_onto_a_folder_that_is_not_a_checkpoint_refuses(tiny_unet, tmp_pa
         save_checkpoint(tmp_path / "a_file", tiny_unet, linear_schedule())
     assert (tmp_path / "a_file").read_text() == "x"
     assert not list(tmp_path.glob(".*")), "no temporary folders may be left behind"
+
+
+# --- issue 12: shipped names shadowed by a folder of yours, damaged config.json --------------------
+
+def test_a_run_folder_of_yours_named_like_a_shipped_model_wins(make_tiny_unet, tmp_path, monkeypatch):
+    """`--checkpoint mnist` used to ignore a ./mnist run folder without a word."""
+    from diffusion_course.schedules import cosine_schedule
+    monkeypatch.chdir(tmp_path)
+    checkpoints.save_checkpoint(tmp_path / "mnist" / "step_00000007", make_tiny_unet(), cosine_schedule(40), step=7)
+    assert checkpoints.resolve_checkpoint("mnist") == Path("mnist") / "step_00000007"
+    assert checkpoints.resolve_checkpoint("pretrained:mnist") == checkpoints.PRETRAINED_DIR / "mnist"
+
+
+def test_a_folder_without_checkpoints_named_like_a_shipped_model_is_a_reported_clash(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mnist").mkdir()
+    with pytest.raises(ValueError, match="'mnist' is both a shipped model and the folder ./mnist.*pretrained:mnist"):
+        checkpoints.resolve_checkpoint("mnist")
+    with pytest.raises(FileNotFoundError, match="No shipped model called 'cifar'"):
+        checkpoints.resolve_checkpoint("pretrained:cifar")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda info: info.pop("model"), r"'model' should be a dict, got 'nothing'"),
+    (lambda info: info.__setitem__("model", "unet"), r"'model' should be a dict, got 'unet'"),
+    (lambda info: info.pop("sha256"), r"'sha256' should be a dict"),
+    (lambda info: info.__setitem__("step", "7"), r"'step' should be a int"),
+    (lambda info: info.__setitem__("schedule", "cosine"), r"'schedule' should be a dict"),
+])
+def test_a_damaged_config_json_is_a_clear_error(tiny_unet, tmp_path, edit, message):
+    """A missing key or a wrong type used to end in a KeyError/TypeError traceback."""
+    import json
+    from diffusion_course.schedules import cosine_schedule
+    folder = checkpoints.save_checkpoint(tmp_path / "ck", tiny_unet, cosine_schedule(40))
+    info = json.loads((folder / "config.json").read_text())
+    edit(info)
+    (folder / "config.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match=message):
+        checkpoints.load_checkpoint(folder)

@@ -97,3 +97,9 @@ def test_progress_bar_ticks_once_per_sampler_step_of_each_batch(tiny_unet, capsy
     generate(tiny_unet, cosine_schedule(30), num=3, shape=(1, 8, 8), sampler="ddim", sampling_steps=4,
              batch_size=2, progress=True)
     assert "8/8" in capsys.readouterr().err                       # 2 batches x 4 steps
+
+
+def test_a_model_without_a_schedule_is_refused_clearly(tiny_unet):
+    """A checkpoint may carry no schedule (a flow-matching model); the samplers here need one."""
+    with pytest.raises(ValueError, match="need the noise schedule the model was trained with"):
+        generate(tiny_unet, None, num=2, shape=(1, 8, 8), sampler="ddim", sampling_steps=2)
