@@ -74,7 +74,7 @@ def generate_batches(model, schedule: NoiseSchedule, *, num: int, shape: tuple, 
             part = slice(start, start + batch_size)
             x = sampling.SAMPLERS[sampler](model, x_T[part], schedule, timesteps, generator=generator,
                                            cond=None if cond is None else cond[part], clip_x0=clip_x0,
-                                           callback=lambda step: bar.update(1))
+                                           callback=lambda step: _tick(bar))
             yield start, _finish(x if decode is None else decode(x), 1.0 if decode is not None else clip_x0)
 
 
@@ -93,6 +93,12 @@ def image_shape(model) -> tuple[int, int, int]:
     """(C, H, W) of what a U-Net checkpoint denoises, from its config."""
     config = model.config
     return (config.in_channels, config.image_size, config.image_size)
+
+
+def _tick(bar) -> None:
+    """Advance the progress bar and return None: a sampler's callback that returns anything else
+    (tqdm's update returns True when it redraws) replaces the sample with it."""
+    bar.update(1)
 
 
 def _finish(images: Tensor, clamp: float | None) -> Tensor:

@@ -75,9 +75,21 @@ def test_checker_is_called_in_exactly_one_lesson_its_own(name):
 
 
 def test_hints_and_checkers_match():
-    assert set(checks.HINTS) == {name.removeprefix("check_") for name in CHECKERS}
+    """Every hint belongs to a checker beside it, or to a derivation (DERIVATION_HINTS) that its
+    lesson checks with checks.check_derivation."""
+    derivations = {name for lesson in checks.LESSONS for name in getattr(lesson, "DERIVATION_HINTS", {})}
+    assert set(checks.HINTS) == {name.removeprefix("check_") for name in CHECKERS} | derivations
     for lesson in checks.LESSONS:   # the hints sit beside their checkers
-        assert {f"check_{name}" for name in lesson.HINTS} == {n for n, m in CHECKERS.items() if m is lesson}
+        own = set(lesson.HINTS) - set(getattr(lesson, "DERIVATION_HINTS", {}))
+        assert {f"check_{name}" for name in own} == {n for n, m in CHECKERS.items() if m is lesson}
+
+
+@pytest.mark.parametrize("name", sorted({n for lesson in checks.LESSONS for n in getattr(lesson, "DERIVATION_HINTS", {})}))
+def test_each_derivation_with_hints_is_checked_in_its_lesson(name):
+    lesson = next(l for l in checks.LESSONS if name in getattr(l, "DERIVATION_HINTS", {}))
+    notebook = (ROOT / "solutions").glob(f"{lesson_number(lesson)}_*.ipynb")
+    source = next(notebook).read_text()
+    assert f"check_derivation(" in source and f"def {name}(" in source
 
 
 @pytest.mark.parametrize("lesson", checks.LESSONS, ids=lambda lesson: lesson.__name__)

@@ -98,7 +98,8 @@ OTHER_STUBS = [stub for stub in STUBS if stub[0] not in checks.HINTS]   # e.g. a
 
 
 def test_every_exercise_is_found():
-    assert sorted(name for name, _, _ in EXERCISES) == sorted(OLD_STUBS) == sorted(checks.HINTS)
+    assert sorted(name for name, _, _ in EXERCISES) == sorted(checks.HINTS)
+    assert set(OLD_STUBS) <= set(checks.HINTS)     # the twelve exercises, plus derivations with hints
 
 
 @pytest.mark.parametrize("name, message, solution", EXERCISES, ids=[name for name, _, _ in EXERCISES])

@@ -1,4 +1,6 @@
-"""Lesson 06 (editing): checkers and hints for the exercises img2img_start and inpaint_step.
+"""Lesson 06 (editing): checkers and hints for the exercises img2img_start and inpaint_step, and the
+hints of the lesson's derivation, variance_kept (checked with checks.check_derivation against the
+schedule's own alpha_bar at t_start).
 
 References: editing.img2img_start and editing.inpaint_step (t is a (B,) int64 tensor; -1 = clean).
 """
@@ -38,6 +40,20 @@ HINTS = {
         "return mask * x_t + (1 - mask) * known_t",
     ),
 }
+
+# The derivation of section 1: no checker of its own (checks.check_derivation compares it with
+# schedule.alpha_bar at t_start). Its hints join HINTS, so checks.hint finds them.
+DERIVATION_HINTS = {
+    "variance_kept": (
+        "The share of x0's variance left in x_t is alpha_bar at t_start, and lesson 01 wrote alpha_bar of the "
+        "cosine schedule in closed form as a function of t over T. Which t over T does a strength give?",
+        "Lesson 01's cosine schedule (Nichol and Dhariwal 2021, Eq. 17): alpha_bar = f(t) / f(0) with f(t) = "
+        "cosine squared of ((t / T + s) / (1 + s) times pi / 2), s = 0.008. Here x_{t_start} is the output "
+        "of step t_start, whose index is strength times T minus one, so f is taken at t over T = strength.",
+        "f = lambda u: torch.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2\nreturn f(strength) / f(0.0)",
+    ),
+}
+HINTS = {**HINTS, **DERIVATION_HINTS}
 
 
 def _start_point(got) -> tuple:

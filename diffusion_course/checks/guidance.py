@@ -1,4 +1,6 @@
-"""Lesson 05 (conditioning and guidance): checkers and hints for the exercises drop_labels and guided_eps.
+"""Lesson 05 (conditioning and guidance): checkers and hints for the exercises drop_labels and guided_eps,
+and the hints and numerical reference of the lesson's derivation, sharpened_gaussian (checked with
+checks.check_derivation).
 
 References: guidance.drop_labels and guidance.guided_eps.
 """
@@ -30,6 +32,36 @@ HINTS = {
         "return eps_uncond + guidance_scale * (eps_cond - eps_uncond)",
     ),
 }
+
+# The derivation of section 3: no checker of its own; checks.check_derivation compares the learner's
+# closed form with sharpened_gaussian_numerical. Its hints join HINTS, so checks.hint finds them.
+DERIVATION_HINTS = {
+    "sharpened_gaussian": (
+        "Guidance samples from p(x) times p(c given x) to the power w. Bayes turns p(c given x) into a ratio of "
+        "p(x given c) and p(x), so the target is a product of powers of two Gaussians. A product of Gaussian "
+        "densities is Gaussian: add what multiplies x squared in the exponents.",
+        "The target is proportional to p(x) to the power 1 - w times p(x given c) to the power w. Precisions add "
+        "with those weights: 1 / variance = (1 - w) / a + w / b, and mean / variance = w m / b (the all-digits "
+        "Gaussian has mean 0).",
+        "precision = (1 - w) / a + w / b\nvariance = 1 / precision\nmean = variance * w * m / b\n"
+        "return torch.stack([mean, variance])",
+    ),
+}
+HINTS = {**HINTS, **DERIVATION_HINTS}
+
+
+def sharpened_gaussian_numerical(w: Tensor, a: float, b: float, m: float, *, points: int = 40001) -> Tensor:
+    """Mean and variance of the density proportional to p(x) p(c | x)^w for p(x) = N(0, a) and
+    p(x | c) = N(m, b) in one dimension, by summing the density on a fine grid (no closed form used).
+    w: (K,) guidance scales with (1 - w) / a + w / b > 0. Returns (2, K) float64: means, variances."""
+    w = torch.as_tensor(w, dtype=torch.float64).reshape(-1, 1)
+    x = torch.linspace(-30.0, 30.0, points, dtype=torch.float64)
+    log_p = -x ** 2 / (2 * a)                                     # log N(x; 0, a) up to a constant
+    log_class = -(x - m) ** 2 / (2 * b) + x ** 2 / (2 * a)        # log p(c | x) = log p(x | c) - log p(x) + const
+    weights = torch.softmax(log_p + w * log_class, dim=1)        # the sharpened density on the grid, normalised
+    mean = (weights * x).sum(1)
+    variance = (weights * (x - mean[:, None]) ** 2).sum(1)
+    return torch.stack([mean, variance])
 
 
 @_checker

@@ -1,4 +1,6 @@
-"""Lesson 04 (sampling): checkers and hints for the exercises ddpm_step and ddim_step.
+"""Lesson 04 (sampling): checkers and hints for the exercises ddpm_step and ddim_step, and the
+hints and Monte Carlo reference of the lesson's derivation, ddim_eta_one_variance (checked with
+checks.check_derivation).
 
 References: sampling.ddpm_step and sampling.ddim_step.
 """
@@ -6,6 +8,8 @@ References: sampling.ddpm_step and sampling.ddim_step.
 from __future__ import annotations
 
 import torch
+
+from torch import Tensor
 
 from .. import sampling, schedules
 from ..schedules import gather
@@ -40,6 +44,35 @@ HINTS = {
         "if eta > 0: add sigma * noise (drawn with torch.randn_like when noise is None)",
     ),
 }
+
+# The derivation of section 5: no checker of its own; checks.check_derivation compares the learner's
+# closed form with ddim_variance_monte_carlo. Its hints join HINTS, so checks.hint finds them.
+DERIVATION_HINTS = {
+    "ddim_eta_one_variance": (
+        "One DDIM step with eta equal to 1 from t to t minus 1 adds sigma times fresh noise and nothing else "
+        "random, so its variance is sigma squared. Write sigma squared out and look at the ratio of the two "
+        "alpha bars of neighbouring steps: which single schedule entry is that ratio?",
+        "The sigma of DDIM, Eq. 16 (lesson 04, section 5) with eta 1 and t_prev equal to t minus 1. The ratio "
+        "alpha_bar_t over alpha_bar_{t-1} is alpha_t, so one minus it is beta_t. Compare with the posterior "
+        "variance beta_tilde_t of section 1 (DDPM, Eq. 7).",
+        "alpha_bar_t = schedule.alpha_bar[t]; alpha_bar_before = alpha_bar one step earlier (1 where t is 0)\n"
+        "return (1 - alpha_bar_before) / (1 - alpha_bar_t) * schedule.beta[t]",
+    ),
+}
+
+HINTS = {**HINTS, **DERIVATION_HINTS}
+
+
+def ddim_variance_monte_carlo(schedule, t: Tensor, *, num: int = 40000, seed: int = 0) -> Tensor:
+    """The variance of x_{t-1} given x_t for one sampling.ddim_step with eta = 1 from each t in
+    `t` (a (K,) int64 tensor, values >= 1) to t - 1, estimated from `num` noise draws. Returns (K,)
+    float64. Its relative standard error is about sqrt(2 / num), 0.7% for the default."""
+    t = torch.as_tensor(t, dtype=torch.long)
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(len(t), 1, 1, num, generator=generator, dtype=torch.float64)
+    x_t = torch.zeros_like(noise)        # x_t and eps_pred only shift the mean; the variance is the noise's
+    x_prev = sampling.ddim_step(x_t, t, t - 1, torch.zeros_like(noise), schedule, eta=1.0, noise=noise)
+    return x_prev.flatten(1).var(dim=1)
 
 
 @_checker
