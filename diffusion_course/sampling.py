@@ -331,4 +331,9 @@ def _after_step(callback: Callback | None, step: SamplerStep) -> Tensor:
     if callback is None:
         return step.x_prev
     replaced = callback(step)
-    return step.x_prev if replaced is None else replaced
+    if replaced is None:
+        return step.x_prev
+    if not isinstance(replaced, Tensor) or replaced.shape != step.x_prev.shape:
+        raise ValueError(f"A sampler callback returns None or a tensor of shape {tuple(step.x_prev.shape)} to "
+                         f"replace the sample, got {type(replaced).__name__}.")
+    return replaced

@@ -464,3 +464,12 @@ def test_golden_ddim_loop(tiny_unet, clip_x0, golden_sum, golden_mean_abs):
                       generator=torch.Generator().manual_seed(0))
     assert out.sum().item() == pytest.approx(golden_sum, rel=1e-4)
     assert out.abs().mean().item() == pytest.approx(golden_mean_abs, rel=1e-4)
+
+
+@pytest.mark.parametrize("returned", [True, 0.5, torch.zeros(1, 1, 6, 6)])
+def test_a_callback_that_returns_something_else_than_none_or_a_sample_is_refused(returned):
+    """tqdm's update() returns True when it redraws: a callback that passes it on used to replace the sample."""
+    schedule = linear_schedule()
+    with pytest.raises(ValueError, match="returns None or a tensor of shape"):
+        ddim_sample(KnownX0Oracle(make_x0(), schedule), start_noise(), schedule, [999, 0],
+                    callback=lambda step: returned)
