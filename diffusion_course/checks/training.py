@@ -1,7 +1,8 @@
 """Lesson 03 (training): checkers and hints for the exercises diffusion_loss and train_step.
 
 References: training.diffusion_loss and training.train_step (called with a loss function whose
-t and noise are fixed, so the learner's step and the reference's see the same batch).
+t and noise are fixed, so the learner's step and the reference's see the same batch). The derivation
+noise_error_per_x0_error has hints here; check_derivation compares it with a model's measured errors.
 """
 
 from __future__ import annotations
@@ -42,12 +43,20 @@ HINTS = {
         "if grad_clip: torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)\n"
         "optimizer.step(); return loss.item()",
     ),
+    "noise_error_per_x0_error": (
+        "Both errors come from the same x_t. If the model's noise guess is off by some amount, how far off is "
+        "the clean image you get by solving lesson 01's closed form for x0 with that guess?",
+        "Section 1's x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps_hat) / sqrt(alpha_bar_t). Subtract it from the "
+        "same formula with the true eps; square; the ratio of the squares is a function of alpha_bar_t alone "
+        "(lesson 01 gave it a name).",
+        "x0 - x0_hat = sqrt(1 - alpha_bar_t) / sqrt(alpha_bar_t) * (eps_hat - eps), so the factor is\n"
+        "alpha_bar_t / (1 - alpha_bar_t), the SNR",
+    ),
 }
 
 
 class _TinyDenoiser(nn.Module):
     """A stand-in for the U-Net with the same contract: tiny, fast and deterministic."""
-
     def __init__(self, num_steps: int, num_classes: int = 3):
         super().__init__()
         self.conv = nn.Conv2d(1, 1, 3, padding=1)
@@ -64,7 +73,6 @@ class _TinyDenoiser(nn.Module):
 
 class _Recorder(nn.Module):
     """Wraps a model and records the (x_t, t, cond) of every call."""
-
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
@@ -78,16 +86,12 @@ class _Recorder(nn.Module):
 
 @_checker
 def check_diffusion_loss(fn):
-    """Check fn(model, x0, schedule, cond=None, t=None, noise=None) -> scalar against training.diffusion_loss.
-
-    The learner's function and the reference are called with cond, t and noise by name.
-    """
+    """Check fn(model, x0, schedule, cond=None, t=None, noise=None) -> scalar against training.diffusion_loss
+    (both called with cond, t and noise by name)."""
     schedule = schedules.linear_schedule(50)
     model = _TinyDenoiser(schedule.num_steps)
     x0 = torch.rand(4, 1, 8, 8) * 2 - 1
-    t = torch.tensor([2, 11, 30, 47])
-    noise = torch.randn_like(x0)
-    cond = torch.tensor([0, 1, 2, 3])
+    t, noise, cond = torch.tensor([2, 11, 30, 47]), torch.randn_like(x0), torch.tensor([0, 1, 2, 3])
     want = training.diffusion_loss(model, x0, schedule, cond=cond, t=t, noise=noise)
     got = _call(fn, model, x0, schedule, cond=cond, t=t, noise=noise)
     if isinstance(got, (float, int)):
@@ -96,8 +100,7 @@ def check_diffusion_loss(fn):
     if isinstance(got, Tensor) and got.numel() > 1:
         raise _Wrong(f"your loss has shape {tuple(got.shape)}, not a scalar: missing mean? Average the "
                      "squared error over all pixels and all images.")
-    if isinstance(got, Tensor):
-        got = got.reshape(())
+    got = got.reshape(()) if isinstance(got, Tensor) else got
 
     def diagnose():
         x_t = schedules.q_sample(x0, t, schedule, noise)
@@ -115,14 +118,12 @@ def check_diffusion_loss(fn):
     _compare(got, want, diagnose)
     if not got.requires_grad:
         raise _Wrong("your loss has no gradient: do not compute it under torch.no_grad() or detach it.")
-
     _check_drawn_t_and_noise(fn, model, schedule)
     return "your diffusion loss matches the reference."
 
 
 def _check_drawn_t_and_noise(fn, model, schedule) -> None:
-    """With t=None and noise=None, look at what the model was given: one valid random step per
-    image, and standard normal noise."""
+    """With t=None and noise=None the model must get one valid random step per image and standard normal noise."""
     recorder = _Recorder(model)
     x0 = torch.rand(64, 1, 8, 8) * 2 - 1
     _call(fn, recorder, x0, schedule)
@@ -138,8 +139,6 @@ def _check_drawn_t_and_noise(fn, model, schedule) -> None:
     problem = _noise_problem(_recover_noise(x_t, x0, t, schedule))
     if problem:
         raise _Wrong(problem + " (This is the case noise=None.)")
-
-
 
 
 def _parameters(model: nn.Module) -> Tensor:
@@ -180,12 +179,9 @@ def _call_step(fn, *args, **kwargs):
 
 @_checker
 def check_train_step(fn):
-    """Check fn(model, optimizer, x0, loss_fn, *, cond=None, grad_clip=1.0) -> float over three steps.
-
-    loss_fn is training.diffusion_loss with the schedule, t and noise fixed; after each of the
-    learner's steps the model must match training.train_step(model, optimizer, x0, loss_fn,
-    cond=cond, grad_clip=grad_clip) run on the reference copy (clipped twice, then not).
-    """
+    """Check fn(model, optimizer, x0, loss_fn, *, cond=None, grad_clip=1.0) -> float over three steps: after
+    each, the model must match training.train_step run on a reference copy (clipped twice, then not), with
+    loss_fn training.diffusion_loss with the schedule, t and noise fixed."""
     schedule = schedules.linear_schedule(50)
     x0 = torch.rand(4, 1, 8, 8) * 2 - 1
     cond = torch.tensor([0, 1, 2, 3])
@@ -195,7 +191,6 @@ def check_train_step(fn):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     reference = copy.deepcopy(model.model)
     reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
-
     for step, grad_clip in enumerate((1.0, 1.0, 0.0), start=1):
         before, calls, start = _parameters(model), len(model.calls), copy.deepcopy(reference)
         loss = _call_step(fn, model, optimizer, x0, loss_fn, cond=cond, grad_clip=grad_clip)
