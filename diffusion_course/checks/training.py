@@ -1,8 +1,6 @@
-"""Lesson 03 (training): checkers and hints for the exercises diffusion_loss and train_step.
-
-References: training.diffusion_loss and training.train_step (called with a loss function whose
-t and noise are fixed, so the learner's step and the reference's see the same batch). The derivation
-noise_error_per_x0_error has hints here; check_derivation compares it with a model's measured errors.
+"""Lesson 03 (training): checkers and hints for the exercises diffusion_loss and train_step, against
+training.diffusion_loss and training.train_step (with a loss function whose t and noise are fixed, so
+both steps see the same batch); hints for the derivation noise_error_per_x0_error (check_derivation).
 """
 
 from __future__ import annotations
@@ -43,6 +41,8 @@ HINTS = {
         "if grad_clip: torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)\n"
         "optimizer.step(); return loss.item()",
     ),
+}
+DERIVATION_HINTS = {
     "noise_error_per_x0_error": (
         "Both errors come from the same x_t. If the model's noise guess is off by some amount, how far off is "
         "the clean image you get by solving lesson 01's closed form for x0 with that guess?",
@@ -53,6 +53,7 @@ HINTS = {
         "alpha_bar_t / (1 - alpha_bar_t), the SNR",
     ),
 }
+HINTS = {**HINTS, **DERIVATION_HINTS}
 
 
 class _TinyDenoiser(nn.Module):
