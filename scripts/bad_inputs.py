@@ -1126,10 +1126,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         cases = [c for c in cases if any(c.name == o or c.name.startswith(o) for o in args.only)]
     repo = Path(args.repo).resolve()
+    commit = git_commit(repo)   # before the run: the package is copied at its start
     results, notes = run_all(repo, cases, jobs=args.jobs, python=args.python)
     print(report(results, notes, repo))
     if args.json:
-        Path(args.json).write_text(json.dumps({"repo": str(repo), "commit": git_commit(repo), "counts": counts(results),
+        Path(args.json).write_text(json.dumps({"repo": str(repo), "commit": commit, "counts": counts(results),
                                                "notes": notes, "results": results}, indent=2))
     return 0
 
