@@ -98,7 +98,10 @@ def save_checkpoint(path: str | Path, model: nn.Module, schedule: NoiseSchedule 
         if training_state is not None:
             files["training_state.safetensors"] = _state_on_cpu(training_state)
         for name, tensors in files.items():
-            save_file(tensors, str(tmp / name))
+            try:
+                save_file(tensors, str(tmp / name))
+            except SafetensorError as error:     # e.g. a full disk, reported by the Rust writer
+                raise OSError(f"Could not write the checkpoint {path} ({error}); is the disk full?") from None
             config["sha256"][name] = _sha256(tmp / name)
         _write_synced(tmp / "config.json", json.dumps(config, indent=2).encode())
     except BaseException:

@@ -520,10 +520,15 @@ class SampleWriter:
         channels, height, width = shape
         pixel_shape = (total, height, width) if channels == 1 else (total, height, width, channels)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._pixels = np.lib.format.open_memmap(self.files["images.npy"], "w+", np.uint8, pixel_shape)
-        self._labels = np.lib.format.open_memmap(self.files["labels.npy"], "w+", np.int64, (total,))
-        self._labels[:] = -1
-        self._write_progress()
+        try:
+            self._pixels = np.lib.format.open_memmap(self.files["images.npy"], "w+", np.uint8, pixel_shape)
+            self._labels = np.lib.format.open_memmap(self.files["labels.npy"], "w+", np.int64, (total,))
+            self._labels[:] = -1
+            self._write_progress()
+        except OSError as error:           # e.g. no room for total samples: leave nothing half-made behind
+            self._finish()
+            raise OSError(f"Could not make room for {total} samples beside {self.path} ({error}); "
+                          "is the disk full?") from None
 
     def write(self, images: Tensor, labels: Tensor | None = None) -> int:
         """Append a batch: images (B, C, H, W) float in [-1, 1], labels (B,) or None. Returns the count so far."""

@@ -165,6 +165,8 @@ def slerp(noise_a: Tensor, noise_b: Tensor, weight: float) -> Tensor:
 
         slerp = sin((1 - weight) theta) / sin(theta) * a + sin(weight theta) / sin(theta) * b
     """
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+        raise ValueError(f"weight must be a finite number (0: noise_a, 1: noise_b), got {weight!r}.")
     if noise_a.shape != noise_b.shape:
         raise ValueError(f"the two noises must have the same shape, got {tuple(noise_a.shape)} "
                          f"and {tuple(noise_b.shape)}.")

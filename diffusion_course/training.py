@@ -97,6 +97,8 @@ class EMA:
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.999):
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be a number in [0, 1) (0.999 is usual), got {decay!r}.")
         self.decay = decay
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.num_updates = 0

@@ -345,3 +345,20 @@ def test_a_damaged_config_json_is_a_clear_error(tiny_unet, tmp_path, edit, messa
     (folder / "config.json").write_text(json.dumps(info))
     with pytest.raises(ValueError, match=message):
         checkpoints.load_checkpoint(folder)
+
+
+def test_a_full_disk_while_saving_is_an_os_error_and_leaves_the_previous_checkpoint(make_tiny_unet, tmp_path, monkeypatch):
+    """The Rust writer's SafetensorError ('File too large') used to escape the CLI as a traceback."""
+    from safetensors import SafetensorError
+    from diffusion_course.schedules import cosine_schedule
+    folder = checkpoints.save_checkpoint(tmp_path / "ck", make_tiny_unet(), cosine_schedule(40), step=1)
+    before = file_bytes(folder)
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: File too large (os error 27)")
+
+    monkeypatch.setattr(checkpoints, "save_file", full_disk)
+    with pytest.raises(OSError, match="Could not write the checkpoint .* is the disk full"):
+        checkpoints.save_checkpoint(folder, make_tiny_unet(), cosine_schedule(40), step=2)
+    assert file_bytes(folder) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ck"]          # no partial folder left behind

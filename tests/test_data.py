@@ -385,3 +385,14 @@ def test_sample_writer_refuses_misuse(tmp_path):
     writer.write(_images(num=1))
     with pytest.raises(ValueError, match=r"Only 1 of 2 samples were written; they are in .*w.partial.npz"):
         writer.close()
+
+
+def test_sample_writer_without_room_leaves_nothing_and_names_the_file(tmp_path, monkeypatch):
+    """On a full disk the writer used to leave a truncated s.partial.images.npy and name no file."""
+    def no_room(*args, **kwargs):
+        raise OSError(27, "File too large")
+
+    monkeypatch.setattr(data.np.lib.format, "open_memmap", no_room)
+    with pytest.raises(OSError, match=r"Could not make room for 10 samples beside .*s\.npz.*disk full"):
+        data.SampleWriter(tmp_path / "s.npz", 10, (1, 28, 28))
+    assert list(tmp_path.iterdir()) == []

@@ -280,3 +280,10 @@ def test_img2img_start_t_start_formula():
     schedule = cosine_schedule(1000)
     for strength in (0.001, 0.25, 0.6, 0.999, 1.0):
         assert editing.img2img_start(images(), strength, schedule).t_start == math.ceil(strength * 1000) - 1
+
+
+@pytest.mark.parametrize("weight", [float("nan"), float("inf"), "0.5"])
+def test_slerp_rejects_a_weight_that_is_not_a_finite_number(weight):
+    a, b = torch.randn(2, 1, 1, 4, 4)
+    with pytest.raises(ValueError, match="weight must be a finite number"):
+        editing.slerp(a, b, weight)

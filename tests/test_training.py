@@ -185,3 +185,10 @@ def test_bfloat16_and_float32_steps_agree(tiny_unet):
         assert all(p.dtype == torch.float32 for p in model.parameters())   # weights stay float32
     assert dtypes == {"float32": [torch.float32], "bfloat16": [torch.bfloat16]}
     assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.02)
+
+
+@pytest.mark.parametrize("decay", [1.5, 1.0, -0.1, float("nan"), True])
+def test_ema_rejects_a_decay_outside_0_1(tiny_unet, decay):
+    """EMA(model, 1.5) used to be accepted (the TrainConfig check did not cover the class itself)."""
+    with pytest.raises(ValueError, match=r"decay must be a number in \[0, 1\)"):
+        EMA(tiny_unet, decay)
