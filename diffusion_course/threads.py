@@ -97,17 +97,17 @@ def choose_threads(max_threads: int | None = None, *, seconds: float = 0.3) -> T
     """The thread count that runs fastest now, with the reason in words.
 
     DIFFUSION_COURSE_THREADS wins when set. Otherwise each count in `candidates(max_threads)`
-    (max_threads defaults to the CPUs available) runs a small convolution for about `seconds`,
-    and the smallest count within 10% of the fastest is chosen.
+    (at most the CPUs available, which is also the default) runs a small convolution for about
+    `seconds`, and the smallest count within 10% of the fastest is chosen. The reason quotes the
+    load average: how many processes wanted a CPU, on average over the last minute.
     """
     override = threads_from_env()
     if override is not None:
         return ThreadChoice(override, f"{ENV_VARIABLE}={override}: using {_plural(override, 'thread')}")
+    if max_threads is not None and max_threads < 1:
+        raise ValueError(f"max_threads={max_threads}: expected at least 1 (or None: all CPUs).")
     cpus = available_cpus()
-    if max_threads is None:
-        max_threads = cpus
-    if max_threads < 1:
-        raise ValueError(f"max_threads={max_threads}: expected at least 1.")
+    max_threads = cpus if max_threads is None else min(max_threads, cpus)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     situation = f"{_plural(cpus, 'CPU')}, load average {load:.1f}"
     if max_threads == 1:
@@ -123,7 +123,7 @@ def choose_threads(max_threads: int | None = None, *, seconds: float = 0.3) -> T
 
 
 def pick_threads(max_threads: int | None = None, *, seconds: float = 0.3) -> int:
-    """The number of threads that is fastest now (see choose_threads), in [1, max_threads]."""
+    """The number of threads that is fastest now (see choose_threads): from 1 to the CPUs available."""
     return choose_threads(max_threads, seconds=seconds).threads
 
 

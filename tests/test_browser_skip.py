@@ -1,7 +1,11 @@
-"""The browser tests skip with a reason on a machine without Chromium, and fail in CI (issue 17):
-the decision in browser_helpers.require_browser, with the lookup monkeypatched."""
+"""The README's test command passes on a fresh machine (issue 17): the browser tests skip with a
+reason when Chromium is missing and fail in CI (browser_helpers.require_browser, with the lookup
+monkeypatched); .ci/run runs exactly the README's command; the learner's install has no test tools."""
 
 from __future__ import annotations
+
+import re
+from pathlib import Path
 
 import pytest
 
@@ -52,3 +56,25 @@ def test_a_present_browser_runs(monkeypatch, tmp_path):
     pytest.importorskip("playwright.sync_api")
     assert bh.missing_browser() is None
     bh.require_browser()        # neither skips nor fails
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("**Run all the tests**"):]
+    command = re.search(r"```bash\n(.+?)\n```", section, re.S).group(1).strip()
+    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert command in ci_lines and ci_lines[-1] == command
+    assert 'export CI="${CI:-true}"' in ci_lines       # so a missing browser fails there
+
+
+def test_the_learners_install_has_no_test_tools():
+    tomllib = pytest.importorskip("tomllib")        # Python 3.11+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = {re.split(r"[<>=\[ ]", requirement)[0] for requirement in project["dependencies"]}
+    assert {"torch", "torchvision", "jupyterlab", "ipywidgets", "pillow"} <= names
+    assert not names & {"pytest", "nbval", "playwright"}
+    test_names = {re.split(r"[<>=\[ ]", r)[0] for r in project["optional-dependencies"]["test"]}
+    assert {"pytest", "nbval", "playwright"} <= test_names

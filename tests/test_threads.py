@@ -45,6 +45,7 @@ def test_a_measured_choice_is_within_the_cpus(keep_threads):
     cpus = threads.available_cpus()
     assert 1 <= threads.pick_threads(seconds=0.02) <= cpus
     assert threads.pick_threads(1, seconds=0.02) == 1
+    assert threads.pick_threads(cpus + 5, seconds=0.02) <= cpus
     with pytest.raises(ValueError, match="max_threads=0"):
         threads.pick_threads(0)
 
