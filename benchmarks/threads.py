@@ -30,7 +30,7 @@ if __package__ in (None, ""):      # run as `python benchmarks/threads.py`
 import torch
 
 from benchmarks import common
-from diffusion_course import checkpoints, data, sampling, schedules, threads, training
+from diffusion_course import checkpoints, data, runs, sampling, schedules, threads, training
 from diffusion_course.unet import UNet, UNetConfig
 
 TARGET = 1.6        # loaded / idle time with one busy process, at the chosen threads
@@ -54,12 +54,8 @@ def busy_process(settle: float = 1.0):
 
 
 def dpm_solver(model, x_T, schedule, labels, steps: int):
-    """DPM-Solver++ in `steps` model calls, across sampler signatures: a list of timesteps
-    (`sampling.timesteps`, the newer API) or a step count (the older one) as the fourth argument."""
-    if hasattr(sampling, "timesteps"):
-        return sampling.dpm_solver_sample(model, x_T, schedule, sampling.timesteps("dpm", schedule, steps),
-                                          cond=labels)
-    return sampling.dpm_solver_sample(model, x_T, schedule, steps, cond=labels)
+    """DPM-Solver++ in `steps` model calls (the grid `diffusion-course sample` uses)."""
+    return sampling.dpm_solver_sample(model, x_T, schedule, sampling.timestep_grid("dpm", schedule, steps), cond=labels)
 
 
 def training_step(batch_size: int) -> Callable[[], None]:
@@ -68,7 +64,7 @@ def training_step(batch_size: int) -> Callable[[], None]:
     x0, labels = mnist.images[:batch_size].clone(), mnist.labels[:batch_size].clone()
     torch.manual_seed(0)
     model = UNet(UNetConfig(num_classes=10)).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=training.TrainConfig.lr)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=runs.TrainConfig.lr)
     schedule = schedules.cosine_schedule()
 
     def step() -> None:

@@ -291,8 +291,8 @@ def _check_grid(x_T: Tensor, schedule: NoiseSchedule, timesteps, sampler: str, c
         raise ValueError(f"clip_x0 must be the data range (1.0 for images in [-1, 1]) or None, got {clip_x0!r}.")
     if timesteps is None:
         return timestep_grid(sampler, schedule)
-    steps = [int(s) for s in timesteps] if all(isinstance(s, int) and not isinstance(s, bool)
-                                                for s in timesteps) else None
+    steps = [int(s) for s in timesteps] if isinstance(timesteps, (list, tuple)) and all(
+        isinstance(s, int) and not isinstance(s, bool) for s in timesteps) else None
     if not steps or any(a <= b for a, b in zip(steps, steps[1:])) or steps[-1] < 0 \
             or steps[0] >= schedule.num_steps:
         raise ValueError(f"timesteps must be a non-empty, strictly decreasing list of integers in "

@@ -324,8 +324,9 @@ class SliderView:
         self.label = self.widget.locator(".widget-hbox", has=slider).locator("div.widget-label")
         self.fallback = self.cell.locator(".jp-RenderedImage img")
 
-    def readout(self) -> str:
-        return self.readout_box.inner_text().strip()
+    def readout(self, timeout: float = 15) -> str:
+        """The readout's text, once it shows one (while the view is being rendered it can be empty)."""
+        return wait_until(lambda: self.readout_box.inner_text().strip(), timeout, message="the readout to show a value")
 
     def handle_value(self, attribute: str = "aria-valuetext") -> float:
         # noUiSlider writes aria-valuenow with one decimal (toFixed(1): 0.15 shows as 0.1) and

@@ -373,7 +373,7 @@ def test_t_start_out_of_range_rejected(t_start):
         timestep_grid("ddim", linear_schedule(), 5, t_start=t_start)
 
 
-@pytest.mark.parametrize("timesteps", [[], [5, 5, 0], [3, 7, 0], [1000, 0], [5, -1], [5.0, 0], "50"])
+@pytest.mark.parametrize("timesteps", [[], [5, 5, 0], [3, 7, 0], [1000, 0], [5, -1], [5.0, 0], "50", 20])
 def test_bad_timesteps_rejected(timesteps):
     with pytest.raises(ValueError, match="timesteps must be a non-empty, strictly decreasing list"):
         ddim_sample(lambda x, t, c: x, start_noise(), linear_schedule(), timesteps)
