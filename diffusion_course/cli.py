@@ -153,12 +153,14 @@ def run_train(args) -> int:
     dataset = data.load_dataset(args.dataset)           # the config above is checked before this slow load
     num_classes = None if args.unconditional else data.dataset_info(args.dataset).num_classes
     torch.manual_seed(args.seed)
-    model = UNet(UNetConfig(*dataset.images.shape[1:3], args.base_channels, num_classes=num_classes)).to(args.device)
+    device = runs.process_device(args.device)             # under torchrun: this process's own GPU
+    model = UNet(UNetConfig(*dataset.images.shape[1:3], args.base_channels, num_classes=num_classes)).to(device)
     result = runs.train_diffusion(model, dataset, schedules.SCHEDULES[args.schedule](), min_snr_gamma=args.min_snr_gamma,
-                                  conditional=num_classes is not None, device=args.device, config=train_config,
+                                  conditional=num_classes is not None, device=device, config=train_config,
                                   out_dir=args.out, resume=args.resume)
-    print(f"trained {result.step} steps in {result.seconds / 60:.1f} minutes; "
-          f"latest checkpoint: {checkpoints.latest_checkpoint(args.out)}")
+    if runs.is_main_process():                            # under torchrun, rank 0 speaks for all
+        print(f"trained {result.step} steps in {result.seconds / 60:.1f} minutes; "
+              f"latest checkpoint: {checkpoints.latest_checkpoint(args.out)}")
     return 0
 
 

@@ -13,6 +13,12 @@ first step; a checkpoint is written every `checkpoint_every` steps, every `check
 of training, at the end, on Ctrl-C and on SIGTERM; a loss that stops being a finite number ends
 the run with a clear error and leaves the last good checkpoint as it was; `resume=True`
 continues bit-exactly where the latest checkpoint left off, and refuses settings that differ.
+
+The same loop runs on several processes started by `torchrun --nproc_per_node=N` (one per GPU, or
+several on a CPU), with PyTorch's DistributedDataParallel: `batch_size` stays the global batch,
+every process draws the same data order and random numbers from the same seed and trains on its
+slice of each batch, the gradients are averaged, and rank 0 alone locks the folder, writes the
+checkpoints and shows progress. Without torchrun nothing of this happens.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import functools
 import json
 import math
 import numbers
+import os
 import signal
 import threading
 import time
@@ -30,7 +37,9 @@ from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from . import checkpoints
@@ -81,7 +90,7 @@ def _field_checks(c: "TrainConfig") -> list[tuple[str, bool, str]]:
 class TrainConfig:
     steps: int | None = None        # stop after this many optimizer steps in total (None: no step limit)
     minutes: float | None = 5.0     # stop after this much training wall time in total (None: no time limit)
-    batch_size: int = 128           # images per step
+    batch_size: int = 128           # images per step (under torchrun: in all processes together)
     lr: float = 4e-3                # AdamW learning rate after warm-up
     warmup_steps: int = 100         # the learning rate ramps up linearly over these first steps
     weight_decay: float = 0.0       # AdamW weight decay
@@ -130,7 +139,8 @@ def train(model: nn.Module, images: Tensor, loss_fn: Callable[..., Tensor], *, c
         info: JSON facts recorded in every checkpoint, e.g. {"dataset": "mnist", "schedule":
             schedule.to_config(), "min_snr_gamma": 5.0}; the "schedule" is what load_checkpoint
             returns with the model. On resume they must equal the stored ones.
-        callback: called as callback(step, loss) after every step (for live plots).
+        callback: called as callback(step, loss) after every step (for live plots; under torchrun
+            on rank 0 alone, with the loss of the whole batch).
     Raises:
         KeyboardInterrupt on Ctrl-C, SystemExit(143) on SIGTERM, each after saving a checkpoint;
         FloatingPointError when the loss is not finite (no checkpoint is written for it).
@@ -138,8 +148,9 @@ def train(model: nn.Module, images: Tensor, loss_fn: Callable[..., Tensor], *, c
     _check_training_data(model, images, labels)
     facts = _run_facts(info)
     with contextlib.ExitStack() as stack:
-        folder = None if out_dir is None else stack.enter_context(checkpoints.lock_run_folder(out_dir))
-        run = _start(model, images, labels, loss_fn, config, folder, resume, facts)
+        ranks = stack.enter_context(_process_group(images.device, config.batch_size))
+        folder = _run_folder(stack, out_dir, ranks.rank)
+        run = _start(model, images, labels, loss_fn, config, folder, resume, facts, ranks)
         stop = stack.enter_context(_stop_requests())
         try:
             _run_steps(run, callback, stop)
@@ -149,6 +160,7 @@ def train(model: nn.Module, images: Tensor, loss_fn: Callable[..., Tensor], *, c
         finally:
             model.eval()
         _save_unless_saved(run)
+        _barrier(run.ranks)                    # the others return once rank 0 has saved
         if stop.signum == signal.SIGINT:
             raise KeyboardInterrupt
         if stop.signum == signal.SIGTERM:
@@ -161,7 +173,10 @@ def train_diffusion(model: nn.Module, dataset, schedule: NoiseSchedule, *, min_s
     """`train` with the course's objective: lesson 03's noise-prediction loss on `schedule`, each
     image weighted by min(SNR, gamma) / SNR (Min-SNR; None: off), on a loaded data.Dataset. What
     `diffusion-course train`, the benchmarks and lesson 03 run; the schedule, the dataset's name
-    and gamma are recorded in every checkpoint. train_options go to `train` (config, out_dir, ...)."""
+    and gamma are recorded in every checkpoint. train_options go to `train` (config, out_dir, ...).
+    Under torchrun, device "cuda" means this process's own GPU (see process_device)."""
+    device = process_device(device)
+    model.to(device)
     loss_fn = functools.partial(diffusion_loss, schedule=schedule, min_snr_gamma=min_snr_gamma)
     info = {"dataset": dataset.name, "schedule": schedule.to_config(), "min_snr_gamma": min_snr_gamma}
     labels = dataset.labels.to(device) if conditional else None
@@ -179,6 +194,74 @@ def check_device(name: str | torch.device) -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"Device {name}: Apple's MPS is not available here (use cpu).")
     return device
+
+
+class Ranks(NamedTuple):
+    rank: int          # this process's number, 0 .. world_size - 1 (rank 0 writes)
+    world_size: int    # how many processes train together (1: no torchrun)
+
+
+def launched_world_size() -> int:
+    """How many processes train together: torchrun's WORLD_SIZE (or that of a process group the
+    caller started), 1 for a plain `python` or a notebook."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """True on rank 0, the process that writes and prints, and always without torchrun."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def process_device(name: str | torch.device) -> torch.device:
+    """The device this process trains on. Under torchrun "cuda" means the process's own GPU,
+    cuda:LOCAL_RANK, which also becomes the current CUDA device; otherwise the device called `name`."""
+    device = torch.device(name)
+    if device.type == "cuda" and launched_world_size() > 1:
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return device
+
+
+@contextlib.contextmanager
+def _process_group(device: torch.device, batch_size: int) -> Iterator[Ranks]:
+    """This process's Ranks. Under torchrun the process group of the run (gloo on CPUs, NCCL on
+    GPUs) starts here, unless the caller started one, and ends with the run."""
+    world_size = launched_world_size()
+    if world_size == 1:
+        yield Ranks(0, 1)
+        return
+    if batch_size % world_size:
+        raise ValueError(f"TrainConfig.batch_size is the global batch, split evenly over the {world_size} "
+                         f"processes torchrun started; {batch_size} does not divide by {world_size}. Use a "
+                         f"multiple of {world_size}, e.g. {world_size * math.ceil(batch_size / world_size)}.")
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield Ranks(dist.get_rank(), dist.get_world_size())
+    finally:
+        if started:
+            dist.destroy_process_group()
+
+
+def _run_folder(stack: contextlib.ExitStack, out_dir: str | Path | None, rank: int) -> Path | None:
+    """The run folder, checked and locked by rank 0 alone (the others only read it, to resume)."""
+    if out_dir is None:
+        return None
+    if rank == 0:
+        return stack.enter_context(checkpoints.lock_run_folder(out_dir))
+    return Path(out_dir)
+
+
+def _barrier(ranks: Ranks) -> None:
+    """Wait until every process got here (nothing to wait for without torchrun)."""
+    if ranks.world_size > 1:
+        dist.barrier()
 
 
 def cpu_has_fast_bfloat16() -> bool:
@@ -230,6 +313,8 @@ class _Run:
     saved_at: float = 0.0       # perf_counter() at the last save (or the start)
     in_step: bool = False       # True while a step is half done (its state is not worth saving)
     losses: list = field(default_factory=list)
+    ranks: Ranks = Ranks(0, 1)  # this process among those torchrun started
+    net: nn.Module | None = None  # what the optimizer steps run: the model, or its DistributedDataParallel wrapper
 
     def seconds(self) -> float:
         return time.perf_counter() - self.start
@@ -263,22 +348,26 @@ def _stop_requests() -> Iterator[_StopRequest]:
             signal.signal(signum, handler)
 
 
-def _start(model, images, labels, loss_fn, config, folder, resume, facts) -> _Run:
+def _start(model, images, labels, loss_fn, config, folder, resume, facts, ranks) -> _Run:
     device = images.device
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     run = _Run(model, images, labels, loss_fn, config, folder, facts, optimizer, EMA(model, config.ema_decay),
                torch.Generator(device).manual_seed(config.seed), pick_autocast_dtype(device, config.precision),
-               torch.empty(0, dtype=torch.long, device=device))
+               torch.empty(0, dtype=torch.long, device=device), ranks=ranks, net=model)
     seconds = 0.0
     if folder is not None:
         checkpoints.model_type(model)          # an unsaveable model fails now, not after the training
-        checkpoints.clean_leftovers(folder)
+        if ranks.rank == 0:
+            checkpoints.clean_leftovers(folder)
+        _barrier(ranks)                        # every process reads the folder rank 0 has locked and tidied
         latest = checkpoints.latest_checkpoint(folder)
         if latest is not None and not resume:
             raise FileExistsError(f"{folder} already holds checkpoints of a training run. Pass resume=True "
                                   "(--resume) to continue it, or choose another folder.")
         if latest is not None:
             seconds = _resume(run, latest)
+    if ranks.world_size > 1:                   # averages the gradients of all processes in backward()
+        run.net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     run.saved_step = run.step
     run.start = time.perf_counter() - seconds
     run.saved_at = time.perf_counter()
@@ -317,14 +406,16 @@ def _differences(where: str, stored: dict, new: dict, ignore: tuple = ()) -> lis
 
 def _run_steps(run: _Run, callback, stop: _StopRequest) -> None:
     config = run.config
-    bar = tqdm(total=config.steps, initial=run.step, disable=not config.progress, desc="training", unit="step")
+    main = run.ranks.rank == 0
+    bar = tqdm(total=config.steps, initial=run.step, disable=not (config.progress and main), desc="training",
+               unit="step")
     run.model.train()
     try:
-        while stop.signum is None and not _budget_spent(config, run.step, run.seconds()):
+        while not _should_stop(run, stop):
             loss = _one_step(run)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", minutes=f"{run.seconds() / 60:.1f}", refresh=False)
-            if callback is not None:
+            if callback is not None and main:
                 callback(run.step, loss)
             if _checkpoint_due(run):
                 _save(run)
@@ -343,10 +434,12 @@ def _one_step(run: _Run) -> float:
     if run.labels is not None:
         null_cond = run.model.null_cond(len(index), device)
         cond = drop_cond(run.labels[index], null_cond, config.label_dropout, run.generator)
+    x0, cond, draws = _share_of_batch(run, run.images[index], cond)
     for group in run.optimizer.param_groups:     # linear warm-up
         group["lr"] = config.lr * min(1.0, (run.step + 1) / max(1, config.warmup_steps))
-    loss = train_step(run.model, run.optimizer, run.images[index], run.loss_fn, cond=cond,
-                      grad_clip=config.grad_clip, autocast_dtype=run.autocast_dtype, generator=run.generator)
+    loss = train_step(run.net, run.optimizer, x0, run.loss_fn, cond=cond,
+                      grad_clip=config.grad_clip, autocast_dtype=run.autocast_dtype, **draws)
+    loss = _mean_over_processes(run, loss)
     if not math.isfinite(loss):
         kept = "" if run.folder is None else f" The last good checkpoint stays in {run.folder}."
         raise FloatingPointError(f"The loss became {loss} at step {run.step + 1}: training diverged (try a "
@@ -358,6 +451,52 @@ def _one_step(run: _Run) -> float:
     return loss
 
 
+def _share_of_batch(run: _Run, x0: Tensor, cond: Tensor | None) -> tuple[Tensor, Tensor | None, dict]:
+    """This process's share of the global batch (x0, cond) and the random draws for its loss.
+
+    One process: all of it; the loss draws t and noise from the run's generator. Under torchrun
+    every process has drawn the same batch from the same generator and takes its own slice; the
+    t and noise of diffusion_loss are drawn for the whole batch and sliced too, so the processes
+    together use exactly the numbers one process would. Another loss function gets a generator of
+    its own in each process, seeded from the shared one (reproducible, but not those numbers).
+    """
+    if run.ranks.world_size == 1:
+        return x0, cond, {"generator": run.generator}
+    size = x0.shape[0] // run.ranks.world_size
+    mine = slice(run.ranks.rank * size, (run.ranks.rank + 1) * size)
+    if isinstance(run.loss_fn, functools.partial) and run.loss_fn.func is diffusion_loss:
+        # diffusion_loss's own draws, in its order: t, then noise.
+        t = torch.randint(0, run.loss_fn.keywords["schedule"].num_steps, (x0.shape[0],), device=x0.device,
+                          generator=run.generator)
+        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=run.generator)
+        draws = {"t": t[mine], "noise": noise[mine]}
+    else:
+        seed = int(torch.randint(2**62, (1,), device=x0.device, generator=run.generator))
+        draws = {"generator": torch.Generator(x0.device).manual_seed(seed + run.ranks.rank)}
+    return x0[mine], None if cond is None else cond[mine], draws
+
+
+def _mean_over_processes(run: _Run, loss: float) -> float:
+    """The loss of the whole batch: the mean of the processes' losses on their equal slices."""
+    if run.ranks.world_size == 1:
+        return loss
+    total = torch.tensor([loss], dtype=torch.float64, device=run.images.device)
+    dist.all_reduce(total)
+    return total.item() / run.ranks.world_size
+
+
+def _should_stop(run: _Run, stop: _StopRequest) -> bool:
+    """Stop on a signal or a spent budget. Under torchrun the processes vote, and all stop when any
+    says so: their clocks differ a little, and a process that stopped alone would leave the others
+    waiting for it forever."""
+    wants_to = stop.signum is not None or _budget_spent(run.config, run.step, run.seconds())
+    if run.ranks.world_size == 1:
+        return wants_to
+    vote = torch.tensor([float(wants_to)], device=run.images.device)
+    dist.all_reduce(vote, op=dist.ReduceOp.MAX)
+    return bool(vote.item())
+
+
 def _budget_spent(config: TrainConfig, step: int, seconds: float) -> bool:
     if config.steps is not None and step >= config.steps:
         return True
@@ -366,7 +505,7 @@ def _budget_spent(config: TrainConfig, step: int, seconds: float) -> bool:
 
 def _checkpoint_due(run: _Run) -> bool:
     config = run.config
-    if run.folder is None:
+    if run.folder is None or run.ranks.rank != 0:
         return False
     if config.checkpoint_every and run.step % config.checkpoint_every == 0:
         return True
@@ -374,7 +513,7 @@ def _checkpoint_due(run: _Run) -> bool:
 
 
 def _save_unless_saved(run: _Run) -> None:
-    if run.folder is not None and run.saved_step != run.step and not run.in_step:
+    if run.folder is not None and run.ranks.rank == 0 and run.saved_step != run.step and not run.in_step:
         _save(run)
 
 
