@@ -230,7 +230,9 @@ def process_device(name: str | torch.device) -> torch.device:
 @contextlib.contextmanager
 def _process_group(device: torch.device, batch_size: int) -> Iterator[Ranks]:
     """This process's Ranks. Under torchrun the process group of the run (gloo on CPUs, NCCL on
-    GPUs) starts here, unless the caller started one, and ends with the run."""
+    GPUs) starts here, unless the caller started one, and ends with the run. (To train several
+    times in one process, start it yourself with dist.init_process_group: a second group started
+    after the first ended can find the first one's stale addresses and hang.)"""
     world_size = launched_world_size()
     if world_size == 1:
         yield Ranks(0, 1)
@@ -367,6 +369,7 @@ def _start(model, images, labels, loss_fn, config, folder, resume, facts, ranks)
         if latest is not None:
             seconds = _resume(run, latest)
     if ranks.world_size > 1:                   # averages the gradients of all processes in backward()
+        _check_same_step(run)
         run.net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     run.saved_step = run.step
     run.start = time.perf_counter() - seconds
@@ -396,6 +399,17 @@ def _check_same_run(stored: dict, run: _Run, folder: Path) -> None:
     if differences:
         raise ValueError(f"Cannot resume the run in {folder.parent}: this run differs from the stored one in "
                          + "; ".join(differences) + ". Use the stored settings, or start a new run in another folder.")
+
+
+def _check_same_step(run: _Run) -> None:
+    """Under torchrun, refuse to go on when the processes start from different steps (on several
+    machines, those that cannot see rank 0's run folder would start from scratch)."""
+    steps = torch.tensor([run.step, -run.step], device=run.images.device)
+    dist.all_reduce(steps, op=dist.ReduceOp.MAX)
+    if steps[0] != -steps[1]:
+        raise ValueError(f"The {run.ranks.world_size} processes found different checkpoints in {run.folder} "
+                         f"(steps {-int(steps[1])} to {int(steps[0])}): every process must see the same run "
+                         "folder (on several machines, a folder they share).")
 
 
 def _differences(where: str, stored: dict, new: dict, ignore: tuple = ()) -> list[str]:
