@@ -1,5 +1,7 @@
 """A short check of the GPU path (run on a machine with CUDA): the library runs there, with the
-same results as on the CPU, and the automatic precision picks bfloat16 autocast.
+same results as on the CPU, and the automatic precision picks bfloat16 autocast. With two or more
+GPUs, `diffusion-course train` also runs under torchrun on all of them (DistributedDataParallel,
+NCCL) and resumes there (README, "Scaling up").
 
     python benchmarks/gpu_check.py          (needs MNIST: see README, "Data")
 
@@ -7,6 +9,8 @@ Prints what it measured and exits non-zero when a check fails.
 """
 
 import json
+import shutil
+import subprocess
 import sys
 import time
 
@@ -64,6 +68,7 @@ def main() -> int:
                      sampler="dpm", sampling_steps=20, seed=0, device=device)
     results["reload_max_abs_diff"] = float((again - images).abs().max())
 
+    torchrun_checks = check_torchrun(results)         # only with two or more GPUs
     print(json.dumps(results, indent=2))
     checks = {
         "CPU and GPU forward agree": results["cpu_vs_gpu_max_abs_diff"] < 1e-3,
@@ -71,10 +76,38 @@ def main() -> int:
         "loss falls": results["loss_last_50"] < 0.5 * results["loss_first_50"],
         "samples recognised": results["accuracy"] > 0.9,
         "checkpoint reload reproduces samples": results["reload_max_abs_diff"] < 1e-4,
+        **torchrun_checks,
     }
     for name, ok in checks.items():
         print(("PASS " if ok else "FAIL ") + name)
     return 0 if all(checks.values()) else 1
+
+
+def check_torchrun(results: dict, steps: int = 300, per_gpu_batch: int = 256) -> dict[str, bool]:
+    """With two or more GPUs: the CLI's training under torchrun on all of them, then a resume by
+    100 steps. Records the time and images per second (process start-up included)."""
+    gpus = torch.cuda.device_count()
+    results["gpus"] = gpus
+    if gpus < 2:
+        return {}
+    out = "/tmp/gpu_torchrun_run"
+    shutil.rmtree(out, ignore_errors=True)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
+               "-m", "diffusion_course.cli", "train", "--dataset", "mnist", "--out", out, "--device", "cuda",
+               "--batch-size", str(per_gpu_batch * gpus), "--checkpoint-every", "0"]
+    start = time.perf_counter()
+    first = subprocess.run(command + ["--steps", str(steps)], capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    resumed = subprocess.run(command + ["--steps", str(steps + 100), "--resume"], capture_output=True, text=True)
+    for done in (first, resumed):
+        if done.returncode != 0:
+            print(f"torchrun failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    latest = checkpoints.latest_checkpoint(out)
+    results["torchrun_seconds"] = round(seconds, 1)
+    results["torchrun_images_per_second"] = round(steps * per_gpu_batch * gpus / seconds)
+    results["torchrun_latest_checkpoint"] = None if latest is None else latest.name
+    ok = first.returncode == resumed.returncode == 0 and latest is not None and latest.name == f"step_{steps + 100:08d}"
+    return {f"torchrun on {gpus} GPUs trains and resumes": ok}
 
 
 if __name__ == "__main__":
