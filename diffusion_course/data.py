@@ -271,7 +271,7 @@ def copy_offline_archives(name: str, root: Path) -> list[Path]:
         src, dst = source_dir / archive, Path(root) / info.raw_folder / archive
         if src.is_file() and not dst.is_file():
             dst.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dst.with_name(dst.name + ".partial")
+            tmp = dst.with_name(f"{dst.name}.partial-{os.getpid()}")   # per process: torchrun ranks copy at once
             shutil.copyfile(src, tmp)
             os.replace(tmp, dst)
             copied.append(dst)
