@@ -81,6 +81,7 @@ def _field_checks(c: "TrainConfig") -> list[tuple[str, bool, str]]:
          "a finite number of minutes > 0, or None (not by time)"),
         ("keep_checkpoints", _whole(c.keep_checkpoints) and c.keep_checkpoints >= 1, "a whole number >= 1"),
         ("precision", c.precision in ("auto", "float32", "bfloat16"), "'auto', 'float32' or 'bfloat16'"),
+        ("hflip", isinstance(c.hflip, bool), "True or False"),
         ("seed", _whole(c.seed), "a whole number"),
         ("progress", isinstance(c.progress, bool), "True or False"),
     ]
@@ -97,6 +98,7 @@ class TrainConfig:
     grad_clip: float = 1.0          # clip the gradient norm to this value (0: no clipping)
     ema_decay: float = 0.999        # EMA of the weights: ema = decay * ema + (1 - decay) * weights
     label_dropout: float = 0.1      # probability of replacing a label by the model's null condition
+    hflip: bool = False             # flip each image left-right with probability 1/2 (colour photos; not digits)
     checkpoint_every: int = 0       # save a checkpoint every N steps (0: not by steps)
     checkpoint_minutes: float | None = 1.0   # save when this much training time passed since the last save
     keep_checkpoints: int = 5       # how many step_* checkpoints to keep in the run folder
@@ -448,7 +450,8 @@ def _one_step(run: _Run) -> float:
     if run.labels is not None:
         null_cond = run.model.null_cond(len(index), device)
         cond = drop_cond(run.labels[index], null_cond, config.label_dropout, run.generator)
-    x0, cond, draws = _share_of_batch(run, run.images[index], cond)
+    images = _random_hflip(run.images[index], run.generator) if config.hflip else run.images[index]
+    x0, cond, draws = _share_of_batch(run, images, cond)
     for group in run.optimizer.param_groups:     # linear warm-up
         group["lr"] = config.lr * min(1.0, (run.step + 1) / max(1, config.warmup_steps))
     loss = train_step(run.net, run.optimizer, x0, run.loss_fn, cond=cond,
@@ -463,6 +466,12 @@ def _one_step(run: _Run) -> float:
     run.losses.append(loss)
     run.in_step = False
     return loss
+
+
+def _random_hflip(images: Tensor, generator: torch.Generator) -> Tensor:
+    """Each image mirrored left-right with probability 1/2 (augmentation: a mirrored photo is as likely)."""
+    flip = torch.rand(images.shape[0], generator=generator, device=images.device) < 0.5
+    return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
 
 
 def _share_of_batch(run: _Run, x0: Tensor, cond: Tensor | None) -> tuple[Tensor, Tensor | None, dict]:
