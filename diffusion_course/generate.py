@@ -96,8 +96,8 @@ def image_shape(model) -> tuple[int, int, int]:
 
 
 def _tick(bar) -> None:
-    """Advance the progress bar and return None: a sampler's callback that returns anything else
-    (tqdm's update returns True when it redraws) replaces the sample with it."""
+    """Advance the progress bar and return None (tqdm's update returns True when it redraws, and a
+    sampler's callback may return only None or a replacement sample)."""
     bar.update(1)
 
 
