@@ -15,7 +15,7 @@
 - `bootstrap_interval`: an uncertainty for any of these statistics.
 
 Classifiers: `CLASSIFIERS` says per dataset where the shipped weights live and how to train them.
-MNIST's ships with the package; the others are trained with `train_classifier` (the CLI's
+MNIST's and CIFAR-10's ship with the package; the others are trained with `train_classifier` (the CLI's
 `diffusion-course train-classifier --dataset ...`). Weights carry SHA-256 checksums in their
 config.json, and loading verifies them.
 """
@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -45,32 +46,56 @@ PRETRAINED = Path(__file__).parent / "pretrained"
 class ClassifierSpec:
     """Where a dataset's classifier ships and how it is built and trained."""
     folder: Path                  # the shipped weights (model.safetensors + config.json), if any
-    channels: tuple[int, ...]     # conv widths; a 2x2 max-pool follows each
+    channels: tuple[int, ...]     # conv widths per stage; a 2x2 max-pool ends each stage
     epochs: int                   # default training epochs
     flip: bool                    # random horizontal flips while training (not for digits)
+    blocks: int = 1               # conv layers per stage (each conv, [batch norm], ReLU)
+    batch_norm: bool = False      # batch norm after each conv (then the conv has no bias)
+    recipe: str = "adam"          # "adam" or "sgd": see _RECIPES
 
+
+class _Recipe(NamedTuple):
+    """How a classifier is trained: "adam" (the digits' classifiers: Adam at 1e-3, batches of 128, each
+    batch shifted as a whole by up to 2 pixels) or "sgd" (CIFAR-10: SGD with Nesterov momentum 0.9,
+    weight decay 5e-4, a one-cycle learning rate with linear warm-up to 0.2 over a quarter of the steps
+    and linear decay, label smoothing 0.1, batches of 256, each image randomly cropped from its
+    4-pixel zero-padded copy)."""
+    batch_size: int
+    crop_pad: int | None          # per-image random crops from a zero-padded copy (None: whole-batch roll)
+    label_smoothing: float
+
+
+_RECIPES = {"adam": _Recipe(128, None, 0.0), "sgd": _Recipe(256, 4, 0.1)}
 
 CLASSIFIERS: dict[str, ClassifierSpec] = {
     "mnist": ClassifierSpec(PRETRAINED / "mnist_classifier", (32, 64), 2, False),
     "fashion_mnist": ClassifierSpec(PRETRAINED / "fashion_mnist_classifier", (32, 64), 5, True),
-    "cifar10": ClassifierSpec(PRETRAINED / "cifar10_classifier", (64, 128, 256), 20, True),
+    "cifar10": ClassifierSpec(PRETRAINED / "cifar10_classifier", (32, 64, 128), 20, True,
+                              blocks=2, batch_norm=True, recipe="sgd"),
 }
 
 
 class Classifier(nn.Module):
-    """Conv layers (each followed by ReLU and a 2x2 max-pool) and two linear layers; `features` is
-    the 128-d layer before the logits. The defaults are the shipped MNIST classifier."""
+    """Stages of conv layers (each conv followed by batch norm if asked, and ReLU; a 2x2 max-pool
+    ends each stage) and two linear layers; `features` is the `hidden`-d layer before the logits.
+    The defaults are the shipped MNIST classifier (one conv per stage, no batch norm)."""
 
     def __init__(self, in_channels: int = 1, image_size: int = 28, num_classes: int = 10, *,
-                 channels: tuple[int, ...] = (32, 64), hidden: int = 128):
+                 channels: tuple[int, ...] = (32, 64), hidden: int = 128, blocks: int = 1,
+                 batch_norm: bool = False):
         super().__init__()
         if image_size % 2 ** len(channels):
             raise ValueError(f"image_size {image_size} must be divisible by 2^{len(channels)} "
-                             f"(one 2x2 pooling per conv layer {tuple(channels)}).")
+                             f"(one 2x2 pooling per conv stage {tuple(channels)}).")
+        if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
+            raise ValueError(f"blocks (conv layers per stage) must be a positive int, got {blocks!r}.")
         layers, previous = [], in_channels
         for width in channels:
-            layers += [nn.Conv2d(previous, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
-            previous = width
+            for _ in range(blocks):
+                layers.append(nn.Conv2d(previous, width, 3, padding=1, bias=not batch_norm))
+                layers += [nn.BatchNorm2d(width), nn.ReLU()] if batch_norm else [nn.ReLU()]
+                previous = width
+            layers.append(nn.MaxPool2d(2))
         self.conv = nn.Sequential(*layers, nn.Flatten())
         self.hidden = nn.Linear(previous * (image_size // 2 ** len(channels)) ** 2, hidden)
         self.head = nn.Linear(hidden, num_classes)
@@ -108,7 +133,8 @@ def build_classifier(dataset: str) -> Classifier:
     """A freshly initialised classifier for the dataset's image shape and classes."""
     info, spec = data.dataset_info(dataset), classifier_spec(dataset)
     channels, size, _ = info.shape
-    return Classifier(channels, size, info.num_classes, channels=spec.channels)
+    return Classifier(channels, size, info.num_classes, channels=spec.channels, blocks=spec.blocks,
+                      batch_norm=spec.batch_norm)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,7 +183,9 @@ def _load_verified(folder: str, dataset: str, mtime_ns: int, size: int) -> Class
 
 
 def train_classifier(dataset: str, out: str | Path, *, epochs: int | None = None, seed: int = 0,
-                     overwrite: bool = False, limit: int | None = None) -> float:
+                     overwrite: bool = False, limit: int | None = None, checkpoint_dir: str | Path | None = None,
+                     resume: bool = False, bfloat16: bool = False,
+                     progress: Callable[[dict], None] | None = None) -> float:
     """Train the dataset's classifier on its training split, save it with checksums, return test accuracy.
 
     Args:
@@ -167,24 +195,89 @@ def train_classifier(dataset: str, out: str | Path, *, epochs: int | None = None
         seed: seeds the initialisation, the order and the augmentation.
         overwrite: allow replacing existing weights, including the ones shipped in the package.
         limit: train and test on the first `limit` images of each split only (quick tests).
+        checkpoint_dir: a folder for the run's state after every epoch (run.pt: weights, optimizer,
+            learning-rate schedule, random state), so that `resume` loses at most one epoch.
+        resume: continue from checkpoint_dir/run.pt (same dataset, epochs, seed and limit).
+        bfloat16: train under bfloat16 autocast (about 3x faster on CPUs with AVX512-BF16; float32 weights).
+        progress: called after every epoch with {"epoch", "epochs", "seconds", "images_per_second"}.
     """
     spec = classifier_spec(dataset)
     epochs = spec.epochs if epochs is None else epochs
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be a positive int, got {epochs!r}.")
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume=True needs the checkpoint_dir of the run to continue.")
     out = _check_classifier_out(out, overwrite)
     torch.manual_seed(seed)
     train = data.load_dataset(dataset, train=True, limit=limit)
     test = data.load_dataset(dataset, train=False, limit=limit)
-    model = build_classifier(dataset)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for _ in range(epochs):
-        _train_epoch(model, optimizer, train, flip=spec.flip)
-    accuracy = float((predict(test.images, dataset, model=model) == test.labels).float().mean())
-    config = {"dataset": dataset, "test_accuracy": accuracy, "epochs": epochs, "seed": seed, "limit": limit,
-              "channels": list(spec.channels)}
-    _save_classifier(model, out, config)
+    facts = {"dataset": dataset, "epochs": epochs, "seed": seed, "limit": limit}
+    run = _ClassifierRun(build_classifier(dataset), spec, epochs, len(train.images))
+    start = run.load(Path(checkpoint_dir), facts) if resume else 0
+    for epoch in range(start, epochs):
+        run.epoch(train, facts, epoch, checkpoint_dir=checkpoint_dir, bfloat16=bfloat16, progress=progress)
+    accuracy = float((predict(test.images, dataset, model=run.model) == test.labels).float().mean())
+    config = {**facts, "test_accuracy": accuracy, "test_images": len(test.images), "channels": list(spec.channels),
+              "blocks": spec.blocks, "batch_norm": spec.batch_norm, "recipe": spec.recipe, "bfloat16": bfloat16}
+    _save_classifier(run.model, out, config)
     return accuracy
+
+
+def _one_cycle(step: int, *, warm_up: int, steps: int) -> float:
+    """The learning rate's factor at `step`: linear from 1/warm_up up to 1, then linear down towards 0."""
+    if step < warm_up:
+        return (step + 1) / warm_up
+    return max(steps - step, 1) / max(steps - warm_up, 1)
+
+
+class _ClassifierRun:
+    """A classifier, its optimizer and learning-rate schedule per the spec's recipe, and their checkpoints."""
+
+    def __init__(self, model: Classifier, spec: ClassifierSpec, epochs: int, num_train: int):
+        self.model, self.spec, self.recipe = model, spec, _RECIPES[spec.recipe]
+        if spec.recipe == "adam":
+            self.optimizer, self.scheduler = torch.optim.Adam(model.parameters(), lr=1e-3), None
+        else:
+            self.optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9, nesterov=True,
+                                             weight_decay=5e-4)
+            steps = epochs * -(-num_train // self.recipe.batch_size)
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, functools.partial(
+                _one_cycle, warm_up=max(1, steps // 4), steps=steps))
+
+    def epoch(self, train: data.Dataset, facts: dict, epoch: int, *, checkpoint_dir: str | Path | None,
+              bfloat16: bool, progress: Callable[[dict], None] | None) -> None:
+        """Train epoch number `epoch` (from 0), then save the run's state and report progress."""
+        started = time.perf_counter()
+        _train_epoch(self.model, self.optimizer, train, flip=self.spec.flip, recipe=self.recipe,
+                     scheduler=self.scheduler, autocast_dtype=torch.bfloat16 if bfloat16 else None)
+        seconds = time.perf_counter() - started
+        if checkpoint_dir is not None:
+            self.save(Path(checkpoint_dir), facts, epoch + 1)
+        if progress is not None:
+            progress({"epoch": epoch + 1, "epochs": facts["epochs"], "seconds": seconds,
+                      "images_per_second": len(train.images) / seconds})
+
+    def save(self, folder: Path, facts: dict, epoch: int) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {"facts": facts, "epoch": epoch, "model": self.model.state_dict(),
+                 "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state(),
+                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None}
+        os.replace(_write_temporary(folder / "run.pt", lambda name: torch.save(state, name)), folder / "run.pt")
+
+    def load(self, folder: Path, facts: dict) -> int:
+        """Restore run.pt and return the number of epochs it had finished."""
+        file = folder / "run.pt"
+        if not file.is_file():
+            raise FileNotFoundError(f"Nothing to resume: {file} does not exist.")
+        state = torch.load(file, weights_only=True)
+        if state["facts"] != facts:
+            raise ValueError(f"{file} belongs to another run ({state['facts']}), not {facts}.")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        return int(state["epoch"])
 
 
 def _check_classifier_out(out: str | Path, overwrite: bool) -> Path:
@@ -203,19 +296,40 @@ def _check_classifier_out(out: str | Path, overwrite: bool) -> Path:
     return out
 
 
-def _train_epoch(model: Classifier, optimizer, train: data.Dataset, *, flip: bool) -> None:
-    """One pass in random order, each batch shifted by up to 2 pixels (and flipped if asked)."""
+def _train_epoch(model: Classifier, optimizer, train: data.Dataset, *, flip: bool, recipe: _Recipe = _RECIPES["adam"],
+                 scheduler=None, autocast_dtype: torch.dtype | None = None) -> None:
+    """One pass in random order, augmented per the recipe (and flipped if asked); eval mode after."""
     model.train()
-    for index in torch.randperm(len(train.images)).split(128):
-        shift = [int(v) for v in torch.randint(-2, 3, (2,))]
-        x = torch.roll(train.images[index], shifts=shift, dims=(2, 3))
-        if flip:
-            x = torch.where(torch.rand(len(x), 1, 1, 1) < 0.5, x.flip(3), x)
-        loss = F.cross_entropy(model(x), train.labels[index])
+    for index in torch.randperm(len(train.images)).split(recipe.batch_size):
+        x = _augment(train.images[index], flip=flip, crop_pad=recipe.crop_pad)
+        with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), train.labels[index], label_smoothing=recipe.label_smoothing)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
     model.eval()
+
+
+def _augment(x: Tensor, *, flip: bool, crop_pad: int | None) -> Tensor:
+    """Random crops of each image from its zero-padded copy (crop_pad), or the whole batch shifted by
+    up to 2 pixels (None); then each image flipped left-right with probability 1/2 if `flip`."""
+    if crop_pad is None:
+        shift = [int(v) for v in torch.randint(-2, 3, (2,))]
+        x = torch.roll(x, shifts=shift, dims=(2, 3))
+    else:
+        n, c, h, w = x.shape
+        padded = F.pad(x, (crop_pad,) * 4).flatten(2)
+        dy, dx = torch.randint(0, 2 * crop_pad + 1, (2, n, 1, 1))
+        rows = dy + torch.arange(h).view(1, h, 1)
+        cols = dx + torch.arange(w).view(1, 1, w)
+        index = (rows * (w + 2 * crop_pad) + cols).view(n, 1, h * w).expand(n, c, h * w)
+        x = padded.gather(2, index).view(n, c, h, w)
+    if flip:
+        x = torch.where(torch.rand(len(x), 1, 1, 1) < 0.5, x.flip(3), x)
+    return x
 
 
 def _save_classifier(model: Classifier, out: Path, config: dict) -> None:

@@ -12,6 +12,7 @@ import torch
 from diffusion_course import data, metrics
 
 SHIPPED = metrics.CLASSIFIERS["mnist"].folder
+SHIPPED_CIFAR = metrics.CLASSIFIERS["cifar10"].folder
 
 
 def _gaussian(num, dim=4, seed=0, shift=0.0):
@@ -53,10 +54,23 @@ def test_a_classifier_without_checksum_is_refused(tmp_path):
         metrics.load_classifier("mnist", path=folder)
 
 
-def test_missing_cifar10_classifier_says_how_to_train_it(monkeypatch, tmp_path):
+def test_shipped_cifar10_classifier_loads_verified_and_recognises_test_images(data_root):
+    config = json.loads((SHIPPED_CIFAR / "config.json").read_text())
+    digest = hashlib.sha256((SHIPPED_CIFAR / "model.safetensors").read_bytes()).hexdigest()
+    assert config["sha256"]["model.safetensors"] == digest
+    assert config["dataset"] == "cifar10" and config["limit"] is None and config["test_images"] == 10000
+    assert config["test_accuracy"] >= 0.85        # issue 14's aim, measured on all 10,000 test images
+    model = metrics.load_classifier("cifar10")
+    assert isinstance(model, metrics.Classifier) and not model.training
+    test = data.load_dataset("cifar10", train=False, limit=1000)
+    assert float((metrics.predict(test.images, "cifar10") == test.labels).float().mean()) >= 0.80
+    assert metrics.features(test.images[:5], "cifar10").shape == (5, 128)
+
+
+def test_missing_classifier_says_how_to_train_it(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match=r"No cifar10 classifier.*train-classifier --dataset cifar10"):
-        metrics.load_classifier("cifar10")
+    with pytest.raises(FileNotFoundError, match=r"No fashion_mnist classifier.*train-classifier --dataset fashion_mnist"):
+        metrics.load_classifier("fashion_mnist")
     with pytest.raises(ValueError, match="Unknown dataset"):
         metrics.load_classifier("svhn")
 
@@ -81,12 +95,45 @@ def test_train_classifier_refuses_bad_epochs(tmp_path, epochs):
 
 def test_train_classifier_never_replaces_the_shipped_weights_silently():
     # Finding 1: train-classifier's default output was the classifier inside the package.
-    before = (SHIPPED / "model.safetensors").read_bytes()
-    for out in (SHIPPED, SHIPPED.parent / "cifar10_classifier"):
+    before = {folder: (folder / "model.safetensors").read_bytes() for folder in (SHIPPED, SHIPPED_CIFAR)}
+    for out in (SHIPPED, SHIPPED_CIFAR, SHIPPED.parent / "fashion_mnist_classifier"):
         with pytest.raises(ValueError, match="inside the package's shipped weights"):
             metrics.train_classifier("mnist", out, epochs=1)
-    assert (SHIPPED / "model.safetensors").read_bytes() == before
-    assert not (SHIPPED.parent / "cifar10_classifier").exists()
+    assert {folder: (folder / "model.safetensors").read_bytes() for folder in before} == before
+    assert not (SHIPPED.parent / "fashion_mnist_classifier").exists()
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "cifar10"])
+def test_train_classifier_resumes_to_the_same_weights(data_root, tmp_path, dataset):
+    # A run stopped after epoch 1 and resumed from its checkpoint ends where an unbroken run ends.
+    whole = tmp_path / "whole"
+    metrics.train_classifier(dataset, whole, epochs=2, seed=0, limit=300)
+
+    def stop_after_first_epoch(progress):
+        if progress["epoch"] == 1:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        metrics.train_classifier(dataset, tmp_path / "broken", epochs=2, seed=0, limit=300,
+                                 checkpoint_dir=tmp_path / "run", progress=stop_after_first_epoch)
+    assert not (tmp_path / "broken" / "model.safetensors").exists()
+    metrics.train_classifier(dataset, tmp_path / "broken", epochs=2, seed=0, limit=300,
+                             checkpoint_dir=tmp_path / "run", resume=True)
+    assert (tmp_path / "broken" / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="belongs to another run"):
+        metrics.train_classifier(dataset, tmp_path / "other", epochs=3, seed=0, limit=300,
+                                 checkpoint_dir=tmp_path / "run", resume=True)
+    with pytest.raises(ValueError, match="needs the checkpoint_dir"):
+        metrics.train_classifier(dataset, tmp_path / "other", epochs=2, resume=True)
+
+
+def test_random_crops_are_windows_of_the_padded_image():
+    x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).view(2, 3, 6, 6)
+    assert torch.equal(metrics._augment(x, flip=False, crop_pad=0), x)
+    torch.manual_seed(0)
+    crops, padded = metrics._augment(x, flip=False, crop_pad=2), torch.nn.functional.pad(x, (2,) * 4)
+    for image, crop in zip(padded, crops):
+        windows = [image[:, i:i + 6, j:j + 6] for i in range(5) for j in range(5)]
+        assert any(torch.equal(crop, window) for window in windows)
 
 
 @pytest.mark.parametrize("dataset", ["mnist", "cifar10"])
