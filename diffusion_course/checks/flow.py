@@ -35,7 +35,7 @@ DERIVATION_HINTS = {
         "difference between x_t and its mean. What is the noise scale of the straight path at time t?",
         "Tweedie's formula: E[x0 | x_t] follows from the score, and since x_t = a x0 + s noise, "
         "E[noise | x_t] = -s * score(x_t). On the straight path s = t.",
-        "return -eps_pred / t",
+        "the score is minus the predicted noise over the noise scale, and on the straight path the noise scale is t:\nreturn -eps_pred / t",
     ),
 }
 
