@@ -79,8 +79,12 @@ def tiny_cond_unet():
 @pytest.fixture(scope="session", autouse=True)
 def _one_torch_thread():
     """Run the tests on one thread: the models are tiny, and on a small machine that is busy with
-    other work, two OpenMP threads fighting for the cores make each step 10-30x slower."""
+    other work, two OpenMP threads fighting for the cores make each step 10-30x slower. (Also the
+    same thread count for every in-process run: tests/test_distributed.py compares weights from
+    one-thread torchrun workers with an in-process run, and summation order depends on threads.)"""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
+    with pytest.MonkeyPatch.context() as patch:   # the CLI's threads.use_best_threads() keeps it at 1
+        patch.setenv("DIFFUSION_COURSE_THREADS", "1")
+        yield
     torch.set_num_threads(threads)
