@@ -27,6 +27,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image as PILImage
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from . import sampling, viz
 from .editing import check_images, img2img
@@ -323,7 +324,7 @@ class ReverseProcessExplorer(StaticCopy, ipywidgets.VBox):
 def reverse_process_explorer(model, schedule: NoiseSchedule, labels: Sequence[int] | Tensor | None = (0, 1, 2, 3), *,
                              shape: tuple = (1, 28, 28), sampler: str = "ddim", num_steps: int | None = 50,
                              guidance_scale: float = 3.0, seed: int = 0, num_images: int = 4,
-                             fallback: bool = True) -> ReverseProcessExplorer:
+                             fallback: bool = True, progress: bool = True) -> ReverseProcessExplorer:
     """Generate a few images once and explore the reverse process with a "reverse step" slider.
 
     Args:
@@ -336,19 +337,25 @@ def reverse_process_explorer(model, schedule: NoiseSchedule, labels: Sequence[in
         seed: seeds the starting noise (and DDPM's noise), so the same seed gives the same images.
         num_images: how many images when labels is None.
         fallback: keep a static strip (shown where widgets cannot run) of 8 frames.
+        progress: show a progress bar while the images are made (it disappears when done).
     Returns:
         A ReverseProcessExplorer (an ipywidgets.VBox); see its attributes.
     """
     cond = None if labels is None else torch.as_tensor(labels, dtype=torch.long).reshape(-1)
     frames = []
 
-    def record(step: sampling.SamplerStep) -> None:      # what the model saw at t, and its guess of x0
-        frames.append(ReverseFrame(step.i, step.t, step.x_t.detach().cpu(), step.x0_pred.detach().cpu()))
-
     x_T = torch.randn(num_images if cond is None else len(cond), *shape, generator=torch.Generator().manual_seed(seed))
     timesteps = sampling.timestep_grid(sampler, schedule, None if sampler == "ddpm" else num_steps)
-    samples = sampling.SAMPLERS[sampler](guided(model, guidance_scale), x_T, schedule, timesteps, cond=cond,
-                                         generator=torch.Generator().manual_seed(seed), callback=record)
+    bar = tqdm(total=len(timesteps), desc=f"{sampler}, {len(x_T)} images", unit="step", leave=False,
+               disable=not progress)
+
+    def record(step: sampling.SamplerStep) -> None:      # what the model saw at t, and its guess of x0
+        frames.append(ReverseFrame(step.i, step.t, step.x_t.detach().cpu(), step.x0_pred.detach().cpu()))
+        bar.update(1)
+
+    with bar:
+        samples = sampling.SAMPLERS[sampler](guided(model, guidance_scale), x_T, schedule, timesteps, cond=cond,
+                                             generator=torch.Generator().manual_seed(seed), callback=record)
     frames.append(ReverseFrame(len(frames), -1, samples.detach().cpu(), samples.detach().cpu()))
     title = f"{sampler.upper()}, {len(frames) - 1} steps, seed {seed}"
     return ReverseProcessExplorer(frames, title=title, fallback=fallback)
