@@ -102,7 +102,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, schedule: NoiseSchedule 
                 save_file(tensors, str(tmp / name))
             except SafetensorError as error:     # e.g. a full disk, reported by the Rust writer
                 raise OSError(f"Could not write the checkpoint {path} ({error}); is the disk full?") from None
-            config["sha256"][name] = _sha256(tmp / name)
+            config["sha256"][name] = sha256(tmp / name)
         _write_synced(tmp / "config.json", json.dumps(config, indent=2).encode())
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)   # the previous checkpoint, if any, is untouched
@@ -376,7 +376,7 @@ def _load_verified(folder: Path, name: str, info: dict) -> dict[str, Tensor]:
     if not file.is_file():
         raise FileNotFoundError(f"{file} is missing; the checkpoint is incomplete.")
     expected = info["sha256"].get(name)
-    if expected != _sha256(file):
+    if expected != sha256(file):
         raise ValueError(f"{file} is damaged or truncated: its SHA-256 does not match the one recorded "
                          "in config.json. Use another checkpoint or retrain.")
     try:
@@ -389,7 +389,8 @@ def _state_on_cpu(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return {key: value.detach().to("cpu").contiguous() for key, value in state.items()}
 
 
-def _sha256(file: Path) -> str:
+def sha256(file: str | Path) -> str:
+    """The SHA-256 of a file, read in 1 MB blocks (checkpoints and shipped classifiers record it)."""
     digest = hashlib.sha256()
     with open(file, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

@@ -26,19 +26,17 @@ of the earlier lessons trains by flow matching unchanged. Tensors may be (B, C, 
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .sampling import SamplerStep
+from .sampling import Callback, SamplerStep, apply_callback, check_clip_x0
 from .unet import timestep_embedding
 
 TIME_SCALE = 1000.0   # the network sees TIME_SCALE * t, the range of the discrete steps t in [0, 1000)
 DEFAULT_FLOW_STEPS = 16
-
-Callback = Callable[[SamplerStep], "Tensor | None"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -128,7 +126,7 @@ def euler_sample(model, noise: Tensor, times: list[float] | None = None, *, cond
     for i, (t, t_next) in enumerate(zip(times, times[1:])):
         v, x0_pred = _velocity_and_x0(model, x, t, cond, clip_x0)
         x_next = euler_step(x, t, t_next, v)
-        x = _after_step(callback, SamplerStep(i, t, t_next, x, x0_pred, x_next))
+        x = apply_callback(callback, SamplerStep(i, t, t_next, x, x0_pred, x_next))
     return x
 
 
@@ -155,7 +153,7 @@ def heun_sample(model, noise: Tensor, times: list[float] | None = None, *, cond:
         x_next = euler_step(x, t, t_next, v)
         v_next, _ = _velocity_and_x0(model, x_next, t_next, cond, clip_x0)   # Heun's correction
         x_next = euler_step(x, t, t_next, (v + v_next) / 2)
-        x = _after_step(callback, SamplerStep(i, t, t_next, x, x0_pred, x_next))
+        x = apply_callback(callback, SamplerStep(i, t, t_next, x, x0_pred, x_next))
     return x
 
 
@@ -276,9 +274,7 @@ def _check_times(t, batch: int) -> Tensor:
 def _check_grid(noise: Tensor, times, clip_x0) -> list[float]:
     if not isinstance(noise, Tensor) or noise.ndim < 2:
         raise ValueError(f"noise must be a (B, ...) tensor, got {getattr(noise, 'shape', type(noise).__name__)}.")
-    if clip_x0 is not None and (isinstance(clip_x0, bool) or not isinstance(clip_x0, (int, float))
-                                or not 0 < clip_x0 < math.inf):
-        raise ValueError(f"clip_x0 must be the data range (e.g. 1.0) or None, got {clip_x0!r}.")
+    check_clip_x0(clip_x0)
     if times is None:
         return flow_time_grid()
     ok = isinstance(times, (list, tuple)) and len(times) >= 2 and all(
@@ -287,13 +283,3 @@ def _check_grid(noise: Tensor, times, clip_x0) -> list[float]:
         raise ValueError(f"times must be a strictly decreasing list of at least two floats in [0, 1] (1: noise, "
                          f"0: data), e.g. flow_time_grid(8), got {times!r}.")
     return [float(v) for v in times]
-
-
-def _after_step(callback: Callback | None, step: SamplerStep) -> Tensor:
-    replaced = None if callback is None else callback(step)
-    if replaced is None:
-        return step.x_prev
-    if not isinstance(replaced, Tensor) or replaced.shape != step.x_prev.shape:
-        raise ValueError(f"A sampler callback returns None or a tensor of shape {tuple(step.x_prev.shape)} to "
-                         f"replace the sample, got {type(replaced).__name__}.")
-    return replaced

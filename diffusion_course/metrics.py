@@ -23,7 +23,6 @@ config.json, and loading verifies them.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import tempfile
@@ -37,7 +36,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from . import data
+from . import checkpoints, data
 
 PRETRAINED = Path(__file__).parent / "pretrained"
 
@@ -168,7 +167,7 @@ def _load_verified(folder: str, dataset: str, mtime_ns: int, size: int) -> Class
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{folder / 'config.json'} has no readable SHA-256 for model.safetensors "
                          f"({type(error).__name__}: {error}); the weights cannot be verified.") from None
-    actual = _sha256(folder / "model.safetensors")
+    actual = checkpoints.sha256(folder / "model.safetensors")
     if actual != expected:
         raise ValueError(f"The classifier weights {folder / 'model.safetensors'} are damaged: SHA-256 {actual}, "
                          f"expected {expected}. Reinstall the package or retrain with train-classifier.")
@@ -336,7 +335,7 @@ def _save_classifier(model: Classifier, out: Path, config: dict) -> None:
     """Write the weights, then config.json with their SHA-256, each to a temporary name first."""
     weights = _write_temporary(out / "model.safetensors", lambda name: save_file(
         {k: v.contiguous() for k, v in model.state_dict().items()}, name))
-    config = {**config, "sha256": {"model.safetensors": _sha256(weights)}}
+    config = {**config, "sha256": {"model.safetensors": checkpoints.sha256(weights)}}
     settings = _write_temporary(out / "config.json", lambda name: Path(name).write_text(json.dumps(config, indent=2)))
     os.replace(weights, out / "model.safetensors")
     os.replace(settings, out / "config.json")
@@ -351,10 +350,6 @@ def _write_temporary(final: Path, write: Callable[[str], None]) -> Path:
         Path(name).unlink(missing_ok=True)
         raise
     return Path(name)
-
-
-def _sha256(file: Path) -> str:
-    return hashlib.sha256(Path(file).read_bytes()).hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -183,7 +183,7 @@ def ddpm_sample(model, x_T: Tensor, schedule: NoiseSchedule, timesteps: list[int
         t = _full(x, step)
         eps_pred, x0_pred = denoise(model, x, t, schedule, cond=cond, clip_x0=clip_x0)
         x_prev = ddpm_step(x, t, eps_pred, schedule, _randn(x, generator))
-        x = _after_step(callback, SamplerStep(i, step, step_prev, x, x0_pred, x_prev))
+        x = apply_callback(callback, SamplerStep(i, step, step_prev, x, x0_pred, x_prev))
     return x
 
 
@@ -199,7 +199,7 @@ def ddim_sample(model, x_T: Tensor, schedule: NoiseSchedule, timesteps: list[int
         eps_pred, x0_pred = denoise(model, x, t, schedule, cond=cond, clip_x0=clip_x0)
         noise = _randn(x, generator) if eta > 0 else None
         x_prev = ddim_step(x, t, t_prev, eps_pred, schedule, eta, noise)
-        x = _after_step(callback, SamplerStep(i, step, step_prev, x, x0_pred, x_prev))
+        x = apply_callback(callback, SamplerStep(i, step, step_prev, x, x0_pred, x_prev))
     return x
 
 
@@ -216,7 +216,7 @@ def dpm_solver_sample(model, x_T: Tensor, schedule: NoiseSchedule, timesteps: li
         x0_pred = denoise(model, x, t, schedule, cond=cond, clip_x0=clip_x0).x0_pred
         x_prev = dpm_solver_step(x, t, t_prev, x0_pred, schedule, previous)
         previous = (x0_pred, t)
-        x = _after_step(callback, SamplerStep(i, step, step_prev, x, x0_pred, x_prev))
+        x = apply_callback(callback, SamplerStep(i, step, step_prev, x, x0_pred, x_prev))
     return x
 
 
@@ -283,12 +283,17 @@ def _check_sampler(sampler: str) -> None:
         raise ValueError(f"Unknown sampler {sampler!r}; expected one of {sorted(SAMPLERS)}.")
 
 
-def _check_grid(x_T: Tensor, schedule: NoiseSchedule, timesteps, sampler: str, clip_x0) -> list[int]:
-    if not isinstance(x_T, Tensor) or x_T.ndim != 4:
-        raise ValueError(f"x_T must be a (B, C, H, W) tensor, got {getattr(x_T, 'shape', type(x_T).__name__)}.")
+def check_clip_x0(clip_x0) -> None:
+    """Raise a clear error unless clip_x0 is a positive finite data range or None (every sampler checks it)."""
     if clip_x0 is not None and (isinstance(clip_x0, bool) or not isinstance(clip_x0, (int, float))
                                 or not 0 < clip_x0 < math.inf):
         raise ValueError(f"clip_x0 must be the data range (1.0 for images in [-1, 1]) or None, got {clip_x0!r}.")
+
+
+def _check_grid(x_T: Tensor, schedule: NoiseSchedule, timesteps, sampler: str, clip_x0) -> list[int]:
+    if not isinstance(x_T, Tensor) or x_T.ndim != 4:
+        raise ValueError(f"x_T must be a (B, C, H, W) tensor, got {getattr(x_T, 'shape', type(x_T).__name__)}.")
+    check_clip_x0(clip_x0)
     if timesteps is None:
         return timestep_grid(sampler, schedule)
     steps = [int(s) for s in timesteps] if isinstance(timesteps, (list, tuple)) and all(
@@ -327,7 +332,8 @@ def _randn(x: Tensor, generator: torch.Generator | None) -> Tensor:
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
-def _after_step(callback: Callback | None, step: SamplerStep) -> Tensor:
+def apply_callback(callback: Callback | None, step: SamplerStep) -> Tensor:
+    """The sample after a step: step.x_prev, or the tensor the callback returned to replace it."""
     if callback is None:
         return step.x_prev
     replaced = callback(step)

@@ -231,7 +231,7 @@ def test_the_shipped_model_still_verifies():
     folder = checkpoints.PRETRAINED_DIR / "mnist"
     info = checkpoints.read_info(folder)
     assert "type" not in info
-    assert checkpoints._sha256(folder / "model.safetensors") == info["sha256"]["model.safetensors"]
+    assert checkpoints.sha256(folder / "model.safetensors") == info["sha256"]["model.safetensors"]
     assert isinstance(load_checkpoint("mnist").model, checkpoints.MODELS["unet"][0])
 
 
