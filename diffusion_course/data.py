@@ -8,8 +8,9 @@ Used by lessons 00-06 (`load_dataset`), the training loop and the CLI. What is h
   is written down and checked, where data enters.
 - `load_image`: one image file as a (1, C, size, size) tensor (the CLI's `edit --image`).
 - `save_samples` / `load_samples` / `SampleWriter`: the samples file (.npz with uint8 `images`
-  (N, H, W) or (N, H, W, 3) and int64 `labels`, -1 = unlabelled), written atomically, never
-  over an existing file unless asked, and checked where it is read.
+  (N, H, W) or (N, H, W, 3) and int64 `labels`, -1 = unlabelled, and for text-to-image samples
+  a unicode `prompts` array (N,)), written atomically, never over an existing file unless asked,
+  and checked where it is read.
 
 Where the data lives: the folder in the environment variable DIFFUSION_COURSE_DATA, else
 ~/.cache/diffusion-course/data. torchvision downloads into it the first time.
@@ -315,9 +316,11 @@ def load_image(path: str | Path, channels: int, size: int) -> Tensor:
 class Samples(NamedTuple):
     images: Tensor   # (N, C, H, W) float32 in [-1, 1]
     labels: Tensor   # (N,) int64, -1 where a sample has no label
+    prompts: list[str] | None = None   # the prompt of each sample (text-to-image), else None
 
 
-def save_samples(path: str | Path, images: Tensor, labels: Tensor | None, *, overwrite: bool = False) -> Path:
+def save_samples(path: str | Path, images: Tensor, labels: Tensor | None, *, overwrite: bool = False,
+                 prompts: list[str] | None = None) -> Path:
     """Write images as uint8 pixels to an .npz, with a PNG grid of the first 200 beside it.
 
     Args:
@@ -325,20 +328,23 @@ def save_samples(path: str | Path, images: Tensor, labels: Tensor | None, *, ove
         images: (N, C, H, W) float in [-1, 1] (clamped), C = 1 or 3; NaN or infinite values are refused.
         labels: (N,) integer labels (-1 = unlabelled), or None for all unlabelled.
         overwrite: replace an existing .npz or .png; otherwise FileExistsError.
+        prompts: the prompt of each image (text-to-image samples), stored as a unicode array.
     Both files are written to temporary names and renamed, so a crash never leaves half a file.
     Returns the path of the .npz.
     """
     path = _samples_path(path)
     pixels, label_array = _to_sample_arrays(images, labels)
+    prompts = _check_prompts(prompts, len(pixels))
     check_free(path, overwrite)
-    _write_samples_files(path, pixels, label_array, overwrite=overwrite)
+    _write_samples_files(path, pixels, label_array, overwrite=overwrite, prompts=prompts)
     return path
 
 
 def load_samples(path: str | Path) -> Samples:
     """Read and check a samples .npz (as written by save_samples or `diffusion-course sample`).
 
-    Returns images (N, C, H, W) float32 in [-1, 1] and labels (N,) int64. A clear ValueError for
+    Returns images (N, C, H, W) float32 in [-1, 1], labels (N,) int64 and the prompts (a list of
+    N strings) when the file has them, else None. A clear ValueError for
     anything else: a .npy, missing arrays, float or 2-D images, a wrong label count or type.
     """
     if not Path(path).is_file():
@@ -357,12 +363,17 @@ def load_samples(path: str | Path) -> Samples:
                              "expected 'images' and 'labels', as save_samples writes.")
         try:
             pixels, labels = loaded["images"], loaded["labels"]
+            prompts = loaded["prompts"] if "prompts" in loaded.files else None
         except (OSError, ValueError, zipfile.BadZipFile) as error:   # object arrays (pickle), a damaged zip
             raise ValueError(f"{path}: cannot read its arrays ({type(error).__name__}: {error}).") from None
     _check_sample_arrays(path, pixels, labels)
+    if prompts is not None and (prompts.dtype.kind != "U" or prompts.shape != labels.shape):
+        raise ValueError(f"{path}: 'prompts' must be a unicode array with one prompt per image ({len(labels)}), "
+                         f"got {prompts.dtype} of shape {prompts.shape}.")
     images = torch.from_numpy(pixels)
     images = images[:, None] if images.ndim == 3 else images.permute(0, 3, 1, 2)
-    return Samples(to_model_range(images.contiguous()), torch.from_numpy(labels.astype(np.int64)))
+    return Samples(to_model_range(images.contiguous()), torch.from_numpy(labels.astype(np.int64)),
+                   None if prompts is None else prompts.tolist())
 
 
 def _check_sample_arrays(path, pixels: np.ndarray, labels: np.ndarray) -> None:
@@ -416,6 +427,15 @@ def _label_array(labels: Tensor | None, num: int) -> np.ndarray:
     return labels.cpu().numpy().astype(np.int64)
 
 
+def _check_prompts(prompts: list[str] | None, num: int) -> np.ndarray | None:
+    """The prompts as a unicode array of length num (None stays None), or a clear error."""
+    if prompts is None:
+        return None
+    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts) or len(prompts) != num:
+        raise ValueError(f"prompts must be a list of {num} strings (one per image), got {prompts!r:.80}.")
+    return np.array(list(prompts), dtype=str) if num else np.zeros(0, dtype="U1")
+
+
 def check_free(path: str | Path, overwrite: bool) -> None:
     """Refuse (FileExistsError) to replace an existing samples file or its PNG unless overwrite;
     a name that is not an .npz is refused too (ValueError). Call it before long work."""
@@ -429,12 +449,13 @@ def check_free(path: str | Path, overwrite: bool) -> None:
 
 
 def _write_samples_files(path: Path, pixels: np.ndarray, labels: np.ndarray, *, overwrite: bool,
-                         grid: bool = True) -> None:
+                         grid: bool = True, prompts: np.ndarray | None = None) -> None:
     """Write the .npz (and the PNG grid) under temporary names, then move them into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = dict(images=pixels, labels=labels, **({} if prompts is None else {"prompts": prompts}))
     temporaries = []
     try:
-        temporaries.append((_temporary(path, lambda f: np.savez_compressed(f, images=pixels, labels=labels)), path))
+        temporaries.append((_temporary(path, lambda f: np.savez_compressed(f, **arrays)), path))
         if grid:
             png = path.with_suffix(".png")
             temporaries.append((_temporary(png, lambda f: _save_grid(f, pixels[:200], labels[:200])), png))
@@ -508,10 +529,12 @@ class SampleWriter:
     overwrite=True.
     """
 
-    def __init__(self, path: str | Path, total: int, shape: tuple[int, int, int], *, overwrite: bool = False):
+    def __init__(self, path: str | Path, total: int, shape: tuple[int, int, int], *, overwrite: bool = False,
+                 prompts: list[str] | None = None):
         self.path, self.total, self.overwrite = _samples_path(path), total, overwrite
         if isinstance(total, bool) or not isinstance(total, int) or total < 1:
             raise ValueError(f"total must be a positive int (the number of samples), got {total!r}.")
+        self.prompts = _check_prompts(prompts, total)
         if len(shape) != 3 or shape[0] not in (1, 3) or min(shape[1:]) < 1:
             raise ValueError(f"shape must be (C, H, W) with C = 1 or 3, got {shape!r}.")
         check_free(self.path, overwrite)
@@ -554,7 +577,7 @@ class SampleWriter:
             partial = self.save_partial()
             raise ValueError(f"Only {self.done} of {self.total} samples were written"
                              + (f"; they are in {partial}." if partial else "."))
-        _write_samples_files(self.path, self._pixels, self._labels, overwrite=self.overwrite)
+        _write_samples_files(self.path, self._pixels, self._labels, overwrite=self.overwrite, prompts=self.prompts)
         self._finish()
         return self.path
 
@@ -564,7 +587,8 @@ class SampleWriter:
             return self.partial_path
         if self.done:
             _write_samples_files(self.files["npz"], self._pixels[:self.done], self._labels[:self.done],
-                                 overwrite=True, grid=False)
+                                 overwrite=True, grid=False,
+                                 prompts=None if self.prompts is None else self.prompts[:self.done])
             self.partial_path = self.files["npz"]
         self._finish()
         return self.partial_path
@@ -583,7 +607,8 @@ class SampleWriter:
         return False
 
     def _write_progress(self) -> None:
-        progress = {"done": self.done, "total": self.total, "for": str(self.path)}
+        progress = {"done": self.done, "total": self.total, "for": str(self.path),
+                    "prompts": None if self.prompts is None else self.prompts.tolist()}
         tmp = _temporary(self.files["json"], lambda f: f.write(json.dumps(progress).encode()))
         os.replace(tmp, self.files["json"])
 
@@ -609,14 +634,16 @@ def recover_samples(path: str | Path) -> Path:
     files = partial_files(path)
     if not files["json"].is_file():
         raise FileNotFoundError(f"No interrupted run to recover for {path} (no {files['json']}).")
-    done = int(json.loads(files["json"].read_text())["done"])
+    progress = json.loads(files["json"].read_text())
+    done, prompts = int(progress["done"]), progress.get("prompts")
     if done < 1:
         for key in ("images.npy", "labels.npy", "json"):
             files[key].unlink(missing_ok=True)
         raise ValueError(f"The interrupted run for {path} had finished no sample; its leftovers were removed.")
     pixels = np.load(files["images.npy"], mmap_mode="r", allow_pickle=False)[:done]
     labels = np.load(files["labels.npy"], mmap_mode="r", allow_pickle=False)[:done]
-    _write_samples_files(files["npz"], pixels, np.asarray(labels), overwrite=True, grid=False)
+    _write_samples_files(files["npz"], pixels, np.asarray(labels), overwrite=True, grid=False,
+                         prompts=None if prompts is None else _check_prompts(prompts[:done], done))
     for key in ("images.npy", "labels.npy", "json"):
         files[key].unlink(missing_ok=True)
     return files["npz"]

@@ -73,8 +73,9 @@ class ClassifierFreeGuidance(nn.Module):
     Args:
         model: `model(x_t, t, cond) -> eps` with `model.null_cond(B)`.
         guidance_scale: w above; 1 means no guidance. A finite number.
-        negative: optional condition to steer away from: a label (int) or a (B,) tensor of them;
-            it takes the place of the null condition in the unconditional branch.
+        negative: optional condition to steer away from: a label (int), a (B,) tensor of them, or
+            one row for the whole batch (e.g. a negative prompt's (1, L) token ids); it takes the
+            place of the null condition in the unconditional branch.
     """
 
     def __init__(self, model: nn.Module, guidance_scale: float = 3.0, negative: int | Tensor | None = None):
@@ -122,10 +123,12 @@ class ClassifierFreeGuidance(nn.Module):
             return null
         if isinstance(self.negative, int):
             return torch.full_like(null, self.negative)
-        if self.negative.shape != null.shape:
-            raise ValueError(f"negative labels must have shape {tuple(null.shape)}, "
-                             f"got {tuple(self.negative.shape)}.")
         negative = self.negative.to(null.device, null.dtype)
+        if negative.shape[:1] == (1,) and negative.shape[1:] == null.shape[1:]:
+            negative = negative.expand_as(null)     # one negative condition (e.g. a prompt's ids) for all
+        if negative.shape != null.shape:
+            raise ValueError(f"negative labels must have shape {tuple(null.shape)} (or one row for all), "
+                             f"got {tuple(self.negative.shape)}.")
         if self.null_class is not None and negative.numel() and \
                 (int(negative.min()) < 0 or int(negative.max()) >= self.null_class):
             raise ValueError(f"negative labels must lie in [0, {self.null_class}).")

@@ -253,6 +253,27 @@ def test_samples_round_trip(tmp_path, channels):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.npz", "s.png"]   # no temporary left
 
 
+def test_prompts_travel_with_the_samples(tmp_path):
+    prompts = ["a red 3", "a blue seven on the right", "", "a green 4", "two digits: red 1, blue 2", "a 5"]
+    data.save_samples(tmp_path / "s.npz", _images(channels=3), None, prompts=prompts)
+    assert data.load_samples(tmp_path / "s.npz").prompts == prompts
+    assert data.load_samples(data.save_samples(tmp_path / "n.npz", _images(), None)).prompts is None
+    with pytest.raises(ValueError, match="6 strings"):
+        data.save_samples(tmp_path / "bad.npz", _images(), None, prompts=prompts[:5])
+    with data.SampleWriter(tmp_path / "w.npz", 6, (3, 8, 8), prompts=prompts) as writer:
+        writer.write(_images(channels=3)[:4])
+        writer.write(_images(channels=3)[4:])
+    assert data.load_samples(tmp_path / "w.npz").prompts == prompts
+
+
+def test_an_interrupted_writer_keeps_the_prompts_of_what_it_finished(tmp_path):
+    prompts = [f"a red {i}" for i in range(6)]
+    writer = data.SampleWriter(tmp_path / "w.npz", 6, (3, 8, 8), prompts=prompts)
+    writer.write(_images(channels=3)[:4])
+    del writer                                   # as after kill -9: only the partial files are left
+    assert data.load_samples(data.recover_samples(tmp_path / "w.npz")).prompts == prompts[:4]
+
+
 def test_unlabelled_samples_get_minus_one(tmp_path):
     data.save_samples(tmp_path / "s.npz", _images(), None)
     assert data.load_samples(tmp_path / "s.npz").labels.tolist() == [-1] * 6

@@ -68,6 +68,8 @@ def test_negative_condition_replaces_only_the_unconditional_branch(tiny_cond_une
         at_one = ClassifierFreeGuidance(tiny_cond_unet, 1.0, negative=negative)(x, t, cond)
         at_three = ClassifierFreeGuidance(tiny_cond_unet, 3.0, negative=negative)(x, t, cond)
         per_image = ClassifierFreeGuidance(tiny_cond_unet, 0.0, negative=torch.tensor([4, 4, 4]))(x, t, cond)
+        one_row = ClassifierFreeGuidance(tiny_cond_unet, 0.0, negative=torch.tensor([4]))(x, t, cond)
+    assert torch.equal(one_row, eps_negative)   # one row stands for the whole batch
     assert torch.equal(at_zero, eps_negative)
     assert torch.equal(per_image, eps_negative)
     assert torch.equal(at_one, eps_cond)
