@@ -4,6 +4,7 @@ failure (a bad value, a missing or existing file, a full disk, a missing GPU) en
 
     diffusion-course train --dataset mnist --out runs/mnist --minutes 5
     diffusion-course sample --checkpoint mnist --num 100 --labels all --guidance 3 --out s.npz
+    diffusion-course sample --checkpoint prompted-digits --prompt "a red 3 on the left" --out p.npz
     diffusion-course evaluate s.npz
 """
 
@@ -17,7 +18,7 @@ import time
 import torch
 
 from . import checkpoints, data, editing, metrics, runs, sampling, schedules
-from .generate import generate_to_file, image_shape
+from .generate import generate_to_file, image_shape, load_pipeline, prompt_ids
 from .guidance import guided
 from .threads import use_best_threads
 from .unet import UNet, UNetConfig
@@ -99,8 +100,10 @@ def _add_generation(p, *, num: int, sampler: str, steps: int, out: str) -> None:
 
 def _add_sample(p) -> None:
     _add_generation(p, num=100, sampler="dpm", steps=20, out="samples.npz")
-    p.add_argument("--labels", default="all", help="'all' (spread over the classes), 'none', or e.g. 3,7")
+    p.add_argument("--labels", help="'all' (spread over the classes; the default), 'none', or e.g. 3,7")
     p.add_argument("--negative", type=whole(0), help="a class to steer away from (negative condition)")
+    p.add_argument("--prompt", action="append", help="text-to-image checkpoints: what to draw (repeat for several)")
+    p.add_argument("--negative-prompt", help="text-to-image checkpoints: what to steer away from")
     p.add_argument("--batch-size", type=whole(1), default=100, help="samples drawn together")
     p.add_argument("--device", default="cpu")
     p.set_defaults(run=run_sample)
@@ -165,16 +168,28 @@ def run_train(args) -> int:
 
 
 def run_sample(args) -> int:
-    checkpoint = checkpoints.load_checkpoint(args.checkpoint, args.device)
-    model, shape = checkpoint.model, image_shape(checkpoint.model)
-    labels = data.parse_labels(args.labels, args.num, model.null_class)
+    pipeline = load_pipeline(args.checkpoint, args.device)
+    cond, negative, prompts = _conditions(args, pipeline.model)
     start = time.perf_counter()
-    path = generate_to_file(args.out, model, checkpoint.schedule, num=args.num, shape=shape, cond=labels,
-                            overwrite=args.overwrite, guidance_scale=args.guidance, negative=args.negative,
-                            sampler=args.sampler, sampling_steps=args.steps, seed=args.seed,
+    path = generate_to_file(args.out, pipeline.model, pipeline.schedule, num=args.num, shape=pipeline.shape, cond=cond,
+                            overwrite=args.overwrite, guidance_scale=args.guidance, negative=negative, prompts=prompts,
+                            sampler=args.sampler, sampling_steps=args.steps, seed=args.seed, decode=pipeline.decode,
+                            images_shape=pipeline.images_shape, clip_x0=None if pipeline.decode else 1.0,
                             batch_size=args.batch_size, device=args.device, progress=args.num > 100)
-    print(f"wrote {args.num} samples of {checkpoint.path} to {path} (and its PNG) in {time.perf_counter() - start:.1f} s")
+    print(f"wrote {args.num} samples of {pipeline.path} to {path} (and its PNG) in {time.perf_counter() - start:.1f} s")
     return 0
+
+
+def _conditions(args, model) -> tuple:
+    """(cond, negative, prompts) for `sample`: token ids of --prompt for a text model, else --labels."""
+    if getattr(model, "tokenizer", None) is None:
+        if args.prompt or args.negative_prompt is not None:
+            raise ValueError("This checkpoint is not text-to-image: use --labels (and --negative), not --prompt.")
+        return data.parse_labels(args.labels or "all", args.num, model.null_class), args.negative, None
+    if args.labels is not None or args.negative is not None or not args.prompt:
+        raise ValueError('This checkpoint draws from text: give --prompt "..." (and --negative-prompt), not --labels.')
+    negative = None if args.negative_prompt is None else model.tokenizer.encode([args.negative_prompt])
+    return prompt_ids(model, args.prompt, args.num), negative, [args.prompt[i % len(args.prompt)] for i in range(args.num)]
 
 
 def run_edit(args) -> int:

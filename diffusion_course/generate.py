@@ -24,13 +24,13 @@ from __future__ import annotations
 import contextlib
 import math
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import data, sampling
+from . import checkpoints, data, sampling
 from .guidance import guided
 from .schedules import NoiseSchedule
 
@@ -79,14 +79,57 @@ def generate_batches(model, schedule: NoiseSchedule, *, num: int, shape: tuple, 
 
 
 def generate_to_file(path, model, schedule: NoiseSchedule, *, num: int, shape: tuple, cond: Tensor | None = None,
-                     overwrite: bool = False, **options) -> Path:
+                     overwrite: bool = False, prompts: list[str] | None = None,
+                     images_shape: tuple | None = None, **options) -> Path:
     """generate_batches streamed into a samples file (data.SampleWriter): memory stays bounded for
     any `num`, and if the run is interrupted the finished samples are kept in s.partial.npz.
-    Returns the path of the .npz (a PNG grid is written beside it)."""
-    with data.SampleWriter(path, num, shape, overwrite=overwrite) as writer:
+    Labels ((num,) conditions) are stored with the images, and so are `prompts` (one per image)
+    for a text-conditioned model. `images_shape`: (C, H, W) of the decoded images when there is a
+    decode step (Pipeline.images_shape); by default `shape`. Returns the path of the .npz (a PNG
+    grid is written beside it)."""
+    labels = cond if cond is not None and cond.ndim == 1 else None
+    with data.SampleWriter(path, num, images_shape or shape, overwrite=overwrite, prompts=prompts) as writer:
         for start, images in generate_batches(model, schedule, num=num, shape=shape, cond=cond, **options):
-            writer.write(images, None if cond is None else cond[start:start + len(images)])
+            writer.write(images, None if labels is None else labels[start:start + len(images)])
     return writer.path
+
+
+class Pipeline(NamedTuple):
+    """Everything needed to make images with a checkpoint (what `load_pipeline` returns)."""
+    model: nn.Module                          # the denoiser: model(x_t, t, cond) -> eps
+    schedule: NoiseSchedule                   # the noise schedule it was trained with
+    shape: tuple[int, int, int]               # (C, H, W) of what it denoises: pixels, or latents
+    decode: Callable[[Tensor], Tensor] | None  # latents -> images in [-1, 1] (latent models), else None
+    images_shape: tuple[int, int, int]        # (C, H, W) of the images it makes (after decode)
+    info: dict                                # the checkpoint's config.json
+    path: Path                                # the checkpoint folder
+
+
+def load_pipeline(name: str | Path, device: str | torch.device = "cpu") -> Pipeline:
+    """A checkpoint ready for `generate`: a pixel-space U-Net as it is; a latent model (its config.json
+    names an "autoencoder" checkpoint and a "latent_shape") with that autoencoder's decoder as the
+    decode step, as Stable Diffusion decodes its latents with its VAE."""
+    checkpoint = checkpoints.load_checkpoint(name, device)
+    model, info = checkpoint.model, checkpoint.info
+    if info.get("autoencoder") is None:
+        shape = image_shape(model)
+        return Pipeline(model, checkpoint.schedule, shape, None, shape, info, checkpoint.path)
+    autoencoder = checkpoints.load_checkpoint(info["autoencoder"], device).model
+    shape = tuple(info["latent_shape"])
+    with torch.no_grad():    # the decoded images' shape, from one latent
+        images_shape = tuple(autoencoder.decode_latents(torch.zeros(1, *shape, device=device)).shape[1:])
+    return Pipeline(model, checkpoint.schedule, shape, autoencoder.decode_latents, images_shape, info, checkpoint.path)
+
+
+def prompt_ids(model, prompts: list[str], num: int) -> Tensor:
+    """(num, L) token ids for a text-conditioned model: the prompts cycled to `num` images."""
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise ValueError("This checkpoint does not take prompts (it has no tokenizer); use labels instead.")
+    if isinstance(prompts, str) or not prompts:
+        raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}.")
+    ids = tokenizer.encode(list(prompts))
+    return ids[torch.arange(num) % len(prompts)]
 
 
 def image_shape(model) -> tuple[int, int, int]:

@@ -14,7 +14,7 @@ LESSONS = ["schedules", "unet", "training", "sampling", "guidance", "editing", "
 RUNNING = {"data", "checkpoints", "runs", "generate", "metrics", "threads"}
 FRONT_ENDS = {"cli", "viz", "widgets", "checks"}
 MAX_BODY_LINES = 40
-MAX_CLI_LINES = 220
+MAX_CLI_LINES = 240   # 220 until the text-to-image options (--prompt, --negative-prompt) came
 
 
 def modules():
