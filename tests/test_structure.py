@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "diffusion_course"
 
 # Ring 1, in lesson order: each module may import only the ones before it.
 LESSONS = ["schedules", "unet", "training", "sampling", "guidance", "editing", "flow"]
-RUNNING = {"data", "checkpoints", "runs", "generate", "metrics", "threads"}
+RUNNING = {"data", "checkpoints", "runs", "generate", "metrics", "threads", "captions"}
 FRONT_ENDS = {"cli", "viz", "widgets", "checks"}
 MAX_BODY_LINES = 40
 MAX_CLI_LINES = 240   # 220 until the text-to-image options (--prompt, --negative-prompt) came
