@@ -35,13 +35,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from .autoencoder import Autoencoder, AutoencoderConfig
 from .schedules import NoiseSchedule, schedule_from_config
 from .unet import UNet, UNetConfig
 
 FORMAT = "diffusion-course-checkpoint"
 VERSION = 1
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
-MODELS = {"unet": (UNet, UNetConfig)}     # config.json "type" -> (model class, config class with to/from_dict)
+MODELS = {"unet": (UNet, UNetConfig), "autoencoder": (Autoencoder, AutoencoderConfig)}     # config.json "type" -> (model class, config class with to/from_dict)
 RESERVED_KEYS = ("format", "version", "type", "model", "step", "sha256", "optimizer_param_groups")
 LOCK_FILE = ".lock"
 
