@@ -58,7 +58,8 @@ class Tokenizer:
         if len(set(words)) != len(words):
             raise ValueError(f"words must not repeat, got {sorted(w for w in set(words) if words.count(w) > 1)} twice.")
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
-            raise ValueError(f"max_length must be a whole number >= 2 (room for <start> and <end>), got {max_length!r}.")
+            raise ValueError(f"max_length must be a whole number >= 2 (room for <start> and <end>), "
+                             f"got {max_length!r}.")
         self.words, self.max_length = tuple(words), max_length
         self.vocabulary = SPECIAL_TOKENS + self.words
         self._ids = {word: i for i, word in enumerate(self.vocabulary)}
@@ -255,7 +256,8 @@ class CLIPConfig:
         object.__setattr__(self, "image_size", tuple(self.image_size))
         if len(self.image_size) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 8 or s % 8
                                             for s in self.image_size):
-            raise ValueError(f"CLIPConfig.image_size must be (H, W), whole numbers divisible by 8, got {self.image_size!r}.")
+            raise ValueError(f"CLIPConfig.image_size must be (H, W), whole numbers divisible by 8, "
+                             f"got {self.image_size!r}.")
         for name in ("image_channels", "image_base_channels", "embed_dim"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -422,7 +424,8 @@ class CrossAttention(nn.Module):
         if x.ndim != 4 or x.shape[1] != self.channels:
             raise ValueError(f"x must have shape (B, {self.channels}, H, W), got {tuple(x.shape)}.")
         if context.ndim != 3 or context.shape[0] != x.shape[0] or context.shape[2] != self.context_dim:
-            raise ValueError(f"context must have shape ({x.shape[0]}, L, {self.context_dim}), got {tuple(context.shape)}.")
+            raise ValueError(f"context must have shape ({x.shape[0]}, L, {self.context_dim}), "
+                             f"got {tuple(context.shape)}.")
         if mask is None:
             return torch.ones(context.shape[:2], dtype=torch.bool, device=context.device)
         if mask.dtype != torch.bool or mask.shape != context.shape[:2]:
