@@ -37,12 +37,16 @@ from torch import Tensor, nn
 
 from .autoencoder import Autoencoder, AutoencoderConfig
 from .schedules import NoiseSchedule, schedule_from_config
+from .text import CLIPConfig, MiniCLIP, TextUNet, TextUNetConfig
 from .unet import UNet, UNetConfig
 
 FORMAT = "diffusion-course-checkpoint"
 VERSION = 1
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
-MODELS = {"unet": (UNet, UNetConfig), "autoencoder": (Autoencoder, AutoencoderConfig)}     # config.json "type" -> (model class, config class with to/from_dict)
+# config.json "type" -> (model class, config class with to/from_dict); model_type takes the first
+# isinstance match, so a UNet subclass (TextUNet) comes before "unet".
+MODELS = {"text_unet": (TextUNet, TextUNetConfig), "mini_clip": (MiniCLIP, CLIPConfig), "unet": (UNet, UNetConfig),
+          "autoencoder": (Autoencoder, AutoencoderConfig)}
 RESERVED_KEYS = ("format", "version", "type", "model", "step", "sha256", "optimizer_param_groups")
 LOCK_FILE = ".lock"
 

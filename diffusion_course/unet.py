@@ -11,6 +11,10 @@ x_t is (B, C, H, W); t is (B,): int64 steps in [0, T) for the discrete schedules
 cond is (B,) int64 class labels or None. The network knows nothing about betas: it only sees t.
 Label dropout and guidance take "no condition" from `null_cond`, so a text embedding can take a
 label's place later without touching them.
+
+Lesson 09's text-conditioned U-Net (text.TextUNet) reuses this class: its `context(cond)` turns a
+prompt into per-token features, and it puts cross-attention where this U-Net keeps the do-nothing
+`IgnoreContext` layers after each residual block (they have no weights, so they change nothing here).
 """
 
 from __future__ import annotations
@@ -129,6 +133,14 @@ class SelfAttention(nn.Module):
         return x + out.transpose(1, 2).reshape(b, c, h, w)
 
 
+class IgnoreContext(nn.Module):
+    """A place for a layer that reads the condition's context after a residual block (lesson 09
+    puts cross-attention to the prompt's words here). This one returns x unchanged; no weights."""
+
+    def forward(self, x: Tensor, context) -> Tensor:
+        return x
+
+
 class UNet(nn.Module):
     """Encoder-decoder with skip connections; self-attention at the lowest resolution."""
 
@@ -151,6 +163,7 @@ class UNet(nn.Module):
         skip_channels, ch = self._build_down(base, channels, emb_dim)
         self.mid1 = ResBlock(ch, ch, emb_dim, config.dropout)
         self.mid_attn = SelfAttention(ch)
+        self.mid_context_layer = IgnoreContext()
         self.mid2 = ResBlock(ch, ch, emb_dim, config.dropout)
         ch = self._build_up(channels, skip_channels, ch, emb_dim)
         self.norm_out = group_norm(ch)
@@ -162,6 +175,7 @@ class UNet(nn.Module):
         """The encoder: per level, residual blocks then a stride-2 convolution (not after the last).
         Returns the channel count of every skip connection and the channels at the bottom."""
         self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
+        self.down_context_layers = nn.ModuleList()
         skip_channels, ch = [base], base
         for level, out_ch in enumerate(channels):
             blocks = nn.ModuleList()
@@ -170,6 +184,7 @@ class UNet(nn.Module):
                 ch = out_ch
                 skip_channels.append(ch)
             self.down.append(blocks)
+            self.down_context_layers.append(nn.ModuleList(IgnoreContext() for _ in blocks))
             last = level == len(channels) - 1
             self.downsample.append(nn.Identity() if last else nn.Conv2d(ch, ch, 3, stride=2, padding=1))
             if not last:
@@ -180,12 +195,14 @@ class UNet(nn.Module):
         """The decoder: per level, one more residual block than on the way down, each taking a skip
         connection, then a 2x nearest upsampling and a convolution. Returns the output channels."""
         self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
+        self.up_context_layers = nn.ModuleList()
         for level, out_ch in reversed(list(enumerate(channels))):
             blocks = nn.ModuleList()
             for _ in range(self.config.num_res_blocks + 1):
                 blocks.append(ResBlock(ch + skip_channels.pop(), out_ch, emb_dim, self.config.dropout))
                 ch = out_ch
             self.up.append(blocks)
+            self.up_context_layers.append(nn.ModuleList(IgnoreContext() for _ in blocks))
             self.upsample.append(nn.Identity() if level == 0 else
                                  nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
                                                nn.Conv2d(ch, ch, 3, padding=1)))
@@ -212,22 +229,28 @@ class UNet(nn.Module):
             emb = emb + self.class_emb(cond)
         return emb
 
+    def context(self, cond: Tensor | None) -> None:
+        """Per-token features of the condition for the layers after the residual blocks: None here,
+        where a label enters through `embed` alone (lesson 09's TextUNet returns the prompt's words)."""
+        return None
+
     def forward(self, x_t: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
         self._check_inputs(x_t, t, cond)
-        emb = self.embed(t, cond)
+        emb, context = self.embed(t, cond), self.context(cond)
         h = self.conv_in(x_t)
         skips = [h]
-        for blocks, downsample in zip(self.down, self.downsample):
-            for block in blocks:
-                h = block(h, emb)
+        for blocks, context_layers, downsample in zip(self.down, self.down_context_layers, self.downsample):
+            for block, context_layer in zip(blocks, context_layers):
+                h = context_layer(block(h, emb), context)
                 skips.append(h)
             if not isinstance(downsample, nn.Identity):
                 h = downsample(h)
                 skips.append(h)
-        h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
-        for blocks, upsample in zip(self.up, self.upsample):
-            for block in blocks:
-                h = block(torch.cat([h, skips.pop()], dim=1), emb)
+        h = self.mid_context_layer(self.mid_attn(self.mid1(h, emb)), context)
+        h = self.mid2(h, emb)
+        for blocks, context_layers, upsample in zip(self.up, self.up_context_layers, self.upsample):
+            for block, context_layer in zip(blocks, context_layers):
+                h = context_layer(block(torch.cat([h, skips.pop()], dim=1), emb), context)
             h = upsample(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
@@ -248,12 +271,15 @@ class UNet(nn.Module):
                              f"got {t.dtype} of shape {tuple(t.shape)}.")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ValueError("t holds NaN or infinite values.")
-        if cond is None:
-            return
+        if cond is not None:
+            self._check_cond(cond, x_t.shape[0])
+
+    def _check_cond(self, cond: Tensor, batch_size: int) -> None:
+        """A clear error unless cond is (B,) int64 labels in [0, null_class]."""
         if self.class_emb is None:
             raise ValueError("This model is unconditional (num_classes=None); call it with cond=None.")
-        if cond.dtype != torch.int64 or cond.shape != (x_t.shape[0],):
-            raise ValueError(f"cond must be an int64 tensor of shape ({x_t.shape[0]},), "
+        if cond.dtype != torch.int64 or cond.shape != (batch_size,):
+            raise ValueError(f"cond must be an int64 tensor of shape ({batch_size},), "
                              f"got {cond.dtype} of shape {tuple(cond.shape)}.")
         if cond.numel() and (int(cond.min()) < 0 or int(cond.max()) > self.null_class):
             raise ValueError(f"cond labels must lie in [0, {self.null_class}] "
