@@ -1,0 +1,133 @@
+"""Train the three parts of the course's small Stable Diffusion on prompted digits, one stage at a
+time, each resumable (the same command continues an interrupted stage; a larger budget extends it):
+
+    python scripts/train_prompted_digits.py autoencoder --minutes 10   # pixels <-> latents (lesson 08)
+    python scripts/train_prompted_digits.py clip --minutes 10          # the text encoder (lesson 09)
+    python scripts/train_prompted_digits.py unet --minutes 60          # the latent U-Net with cross-attention
+    python scripts/train_prompted_digits.py ship                       # copy the three into the package
+
+Runs live in runs/prompted-digits/{autoencoder,clip,unet}; `ship` writes the EMA weights of each
+run's latest checkpoint to diffusion_course/pretrained/prompted-digits{-autoencoder,-clip,}.
+The U-Net stage needs the autoencoder and the text encoder: it encodes the canvases into latents
+once (the autoencoder's posterior means, times its measured scale factor) and copies the trained
+text encoder into the U-Net, frozen, as Stable Diffusion does with CLIP's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from diffusion_course import autoencoder, captions, checkpoints, runs, schedules, text  # noqa: E402
+from diffusion_course.threads import use_best_threads  # noqa: E402
+from diffusion_course.training import diffusion_loss  # noqa: E402
+
+RUNS = Path("runs/prompted-digits")
+SHIPPED = {"autoencoder": "prompted-digits-autoencoder", "clip": "prompted-digits-clip", "unet": "prompted-digits"}
+TEXT = dict(max_length=24, dim=64, depth=2, heads=4)
+UNET = dict(in_channels=4, image_size=8, base_channels=32, channel_mults=(1, 2), num_res_blocks=1,
+            attention_levels=(1,))      # 8x16 latents; cross-attention at 4x8 and in the middle
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("stage", choices=["autoencoder", "clip", "unet", "ship"])
+    parser.add_argument("--minutes", type=float, default=10.0, help="training time budget (total, across resumes)")
+    parser.add_argument("--num", type=int, default=60_000, help="training canvases (from MNIST's training split)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, help="default: the stage's own")
+    parser.add_argument("--fresh", action="store_true", help="start the stage over instead of resuming")
+    args = parser.parse_args(argv)
+    use_best_threads()
+    if args.stage == "ship":
+        return ship()
+    canvases = captions.build_prompted_digits(args.num, train=True, seed=0)
+    stage = {"autoencoder": train_autoencoder, "clip": train_clip, "unet": train_unet}[args.stage]
+    start = time.perf_counter()
+    result = stage(canvases, args)
+    print(f"{args.stage}: {result.step} steps, {result.seconds / 60:.1f} training minutes in total "
+          f"({time.perf_counter() - start:.0f} s this run), last loss {result.losses[-1] if result.losses else float('nan'):.4f}")
+    return 0
+
+
+def _config(args, lr: float) -> runs.TrainConfig:
+    return runs.TrainConfig(minutes=args.minutes, batch_size=args.batch_size, lr=args.lr or lr, label_dropout=0.0,
+                            checkpoint_minutes=2.0, keep_checkpoints=2)
+
+
+def train_autoencoder(canvases, args) -> runs.TrainResult:
+    torch.manual_seed(0)
+    model = autoencoder.Autoencoder(autoencoder.AutoencoderConfig())
+    return runs.train(model, canvases.images, autoencoder.autoencoder_loss, config=_config(args, 2e-3),
+                      out_dir=RUNS / "autoencoder", resume=not args.fresh, info={"dataset": "prompted-digits"})
+
+
+def train_clip(canvases, args) -> runs.TrainResult:
+    torch.manual_seed(0)
+    text_config = text.TextEncoderConfig(words=tuple(captions.VOCABULARY), **TEXT)
+    model = text.MiniCLIP(text.CLIPConfig(text=text_config.to_dict()))
+    ids = model.tokenizer.encode(canvases.captions)
+    return runs.train(model, canvases.images, text.clip_loss, labels=ids, config=_config(args, 1e-3),
+                      out_dir=RUNS / "clip", resume=not args.fresh, info={"dataset": "prompted-digits"})
+
+
+def trained(stage: str) -> torch.nn.Module:
+    """The EMA weights of a stage's latest checkpoint."""
+    return checkpoints.load_checkpoint(RUNS / stage).model
+
+
+def latents_of(images: torch.Tensor, ae: torch.nn.Module, batch_size: int = 500) -> torch.Tensor:
+    """The canvases as scaled latents (posterior means), batch by batch."""
+    with torch.no_grad():
+        return torch.cat([ae.encode_latents(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
+def train_unet(canvases, args) -> runs.TrainResult:
+    ae = with_measured_scale(trained("autoencoder"), canvases.images)
+    latents = latents_of(canvases.images, ae)
+    clip = trained("clip")
+    torch.manual_seed(0)
+    model = text.TextUNet.from_clip(text.TextUNetConfig(**UNET, text=clip.config.text), clip)
+    schedule = schedules.cosine_schedule()
+    loss_fn = functools.partial(diffusion_loss, schedule=schedule, min_snr_gamma=5.0)
+    info = {"dataset": "prompted-digits", "schedule": schedule.to_config(), "min_snr_gamma": 5.0,
+            "autoencoder": f"pretrained:{SHIPPED['autoencoder']}", "latent_shape": list(latents.shape[1:]),
+            "scale_factor": ae.config.scale_factor}
+    config = runs.TrainConfig(minutes=args.minutes, batch_size=args.batch_size, lr=args.lr or 2e-3,
+                              label_dropout=0.1, checkpoint_minutes=2.0, keep_checkpoints=2)
+    return runs.train(model, latents, loss_fn, labels=model.tokenizer.encode(canvases.captions), config=config,
+                      out_dir=RUNS / "unet", resume=not args.fresh, info=info)
+
+
+def with_measured_scale(ae, images: torch.Tensor):
+    """The autoencoder with its latent scale factor measured on 5,000 training canvases."""
+    scale = autoencoder.measure_scale_factor(ae, images[:5000])
+    return autoencoder.with_scale_factor(ae, scale)
+
+
+def ship() -> int:
+    """Write each stage's EMA weights into the package (no optimizer state: a few MB in all)."""
+    scale = checkpoints.load_checkpoint(RUNS / "unet").info["scale_factor"]   # the one the U-Net was trained with
+    for stage, name in SHIPPED.items():
+        checkpoint = checkpoints.load_checkpoint(RUNS / stage)
+        model, info = checkpoint.model, {k: v for k, v in checkpoint.info.items() if k not in checkpoints.RESERVED_KEYS}
+        if stage == "autoencoder":
+            model = autoencoder.with_scale_factor(model, scale)
+        path = checkpoints.save_checkpoint(checkpoints.PRETRAINED_DIR / name, model, checkpoint.schedule,
+                                           step=checkpoint.info.get("step", 0), info=info)
+        size = sum(f.stat().st_size for f in path.iterdir()) / 2**20
+        print(f"shipped {stage} ({checkpoint.path}) as {name}: {size:.2f} MiB")
+    print(json.dumps({name: str(checkpoints.PRETRAINED_DIR / name) for name in SHIPPED.values()}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
