@@ -225,3 +225,49 @@ def test_edit_rejects_an_unreadable_image(run_dir, tmp_path, capsys):
     bad.write_text("not an image")
     assert cli.main(["edit", "--checkpoint", str(run_dir), "--image", str(bad), "--out", str(tmp_path / "x.npz")]) == 2
     assert "Could not read the image" in capsys.readouterr().err
+
+
+# --- Text to image -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def text_pipeline(tmp_path_factory):
+    """A tiny latent text-to-image pipeline with random weights (code paths only, not quality):
+    an autoencoder checkpoint and a TextUNet whose config.json names it, as the shipped one does."""
+    from diffusion_course import autoencoder, captions, text
+    folder = tmp_path_factory.mktemp("text")
+    torch.manual_seed(0)
+    ae = autoencoder.Autoencoder(autoencoder.AutoencoderConfig(base_channels=4, channel_mults=(1, 2, 2)))
+    checkpoints.save_checkpoint(folder / "ae", ae)
+    words = text.TextEncoderConfig(words=captions.VOCABULARY, dim=16, depth=1, heads=2)
+    model = text.TextUNet(text.TextUNetConfig(base_channels=8, text=words, attention_heads=2))
+    info = {"autoencoder": str(folder / "ae"), "latent_shape": [4, 8, 16]}
+    return checkpoints.save_checkpoint(folder / "unet", model, cosine_schedule(100), info=info)
+
+
+def test_sample_from_a_prompt_writes_colour_canvases_and_the_prompts(text_pipeline, tmp_path, capsys):
+    out = tmp_path / "p.npz"
+    argv = ["sample", "--checkpoint", str(text_pipeline), "--prompt", "a red 3 on the left", "--prompt",
+            "a blue seven", "--negative-prompt", "green", "--num", "3", "--steps", "2", "--out", str(out)]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    with np.load(out) as f:
+        assert f["images"].shape == (3, 32, 64, 3) and f["images"].dtype == np.uint8
+        assert f["prompts"].tolist() == ["a red 3 on the left", "a blue seven", "a red 3 on the left"]
+        assert f["labels"].tolist() == [-1, -1, -1]
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "give --prompt"),
+    (["--prompt", "a purple 3"], "purple"),
+    (["--prompt", "a red 3", "--labels", "3"], "not --labels"),
+])
+def test_prompt_errors(text_pipeline, tmp_path, capsys, args, message):
+    argv = ["sample", "--checkpoint", str(text_pipeline), "--num", "2", "--steps", "2",
+            "--out", str(tmp_path / "x.npz"), *args]
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x.npz").exists()
+
+
+def test_a_label_model_refuses_prompts(run_dir, tmp_path, capsys):
+    assert cli.main(sample_args(run_dir, tmp_path / "x.npz", "--prompt", "a red 3")) == 2
+    assert "not text-to-image" in capsys.readouterr().err
