@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from . import checkpoints, data, editing, metrics, runs, sampling, schedules
+from . import captions, checkpoints, data, editing, metrics, runs, sampling, schedules
 from .generate import generate_to_file, image_shape, load_pipeline, prompt_ids
 from .guidance import guided
 from .threads import use_best_threads
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(commands.add_parser("train", help="train a diffusion model from scratch (or resume)"))
     _add_sample(commands.add_parser("sample", help="generate images into an .npz file and a PNG grid"))
     _add_edit(commands.add_parser("edit", help="image-to-image (--strength) or inpainting (--mask) of an image"))
-    evaluate = commands.add_parser("evaluate", help="class accuracy, Frechet and kernel distance of an .npz of samples")
+    evaluate = commands.add_parser("evaluate", help="class accuracy, Frechet and kernel distance (or prompt adherence) of samples")
     evaluate.add_argument("file", help="an .npz written by `sample`")
     evaluate.add_argument("--dataset", choices=list(metrics.CLASSIFIERS), help="default: the first whose shape fits")
     evaluate.set_defaults(run=run_evaluate, device="cpu")
@@ -218,6 +218,11 @@ def run_edit(args) -> int:
 
 def run_evaluate(args) -> int:
     samples = data.load_samples(args.file)
+    if samples.prompts is not None:       # text-to-image samples: does each image show what its prompt asks?
+        score = captions.adherence(samples.images, samples.prompts)
+        print(f"{score['num']} samples: the named digits right {score['digits']:.1%}, the named colours right "
+              f"{score['colours']:.1%}, everything named right {score['all']:.1%}")
+        return 0
     dataset = args.dataset or metrics.dataset_for(samples.images)
     print(metrics.format_report(metrics.evaluate_samples(samples.images, samples.labels, dataset=dataset)))
     return 0

@@ -271,3 +271,18 @@ def test_prompt_errors(text_pipeline, tmp_path, capsys, args, message):
 def test_a_label_model_refuses_prompts(run_dir, tmp_path, capsys):
     assert cli.main(sample_args(run_dir, tmp_path / "x.npz", "--prompt", "a red 3")) == 2
     assert "not text-to-image" in capsys.readouterr().err
+
+
+def test_evaluate_scores_prompt_adherence_of_text_samples(data_root, tmp_path, capsys):
+    """Real canvases saved with their own captions as prompts score near the classifier's ceiling;
+    the same canvases with each other's prompts score far lower."""
+    from diffusion_course import captions, data
+    canvases = captions.build_prompted_digits(40, train=False, seed=3)
+    prompts = [captions.full_caption(scene) for scene in canvases.scenes]
+    data.save_samples(tmp_path / "own.npz", canvases.images, None, prompts=prompts)
+    data.save_samples(tmp_path / "shuffled.npz", canvases.images, None, prompts=prompts[1:] + prompts[:1])
+    shares = []
+    for name in ("own", "shuffled"):
+        assert cli.main(["evaluate", str(tmp_path / f"{name}.npz")]) == 0
+        shares.append(float(capsys.readouterr().out.split("everything named right ")[1].rstrip("%\n")))
+    assert shares[0] >= 80 and shares[1] <= 20, shares
