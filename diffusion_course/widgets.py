@@ -730,7 +730,7 @@ class Studio(StaticCopy, ipywidgets.VBox):
             self.status.value = "nothing new was made (see the message below)"
             return
         self.show(images, setting)
-        self.status.value = f"{len(images)} images made in {time.perf_counter() - began:.1f} s"
+        self.status.value = f'{len(images)} images for "{setting.prompt}" made in {time.perf_counter() - began:.1f} s'
 
     def make(self, setting: StudioSettings) -> Tensor:
         """(num_images, C, H, W) images in [-1, 1] (CPU) for one setting; ValueError for a bad one."""
@@ -791,7 +791,8 @@ class Studio(StaticCopy, ipywidgets.VBox):
         if start is not None and setting.mask != NO_MASK:      # the region to regenerate, darkened
             start = start * (1 - 0.6 * mask_of(setting.mask, start.shape[-2:]))
         self._figure = studio_figure(images, setting, describe_setting(setting), start)
-        self.image.value = figure_to_png(self._figure, dpi=100)
+        self.image.value = figure_to_png(self._figure, dpi=120)
+        self.image.layout.width = f"{round(self._figure.get_figwidth() * 120)}px"    # not stretched to the panel
         self.images, self.prompts, self.shown = images, [setting.prompt] * len(images), setting
 
 

@@ -99,24 +99,11 @@ def test_timestep_explorer_shows_alpha_bar_and_snr():
 
 @pytest.fixture(scope="module")
 def tiny_text_pipeline(tmp_path_factory):
-    """A latent pipeline like "prompted-digits" (a TextUNet on 4 x 8 x 16 latents of an autoencoder
-    for 3 x 32 x 64 canvases), tiny and randomly initialised, saved and loaded like the real one."""
-    from diffusion_course import autoencoder, captions, checkpoints, generate, text
+    """A tiny random pipeline like "prompted-digits", saved and loaded like the real one."""
+    from browser_helpers import make_tiny_text_pipeline
+    from diffusion_course import generate
 
-    folder = tmp_path_factory.mktemp("tiny-prompted-digits")
-    torch.manual_seed(0)
-    ae = autoencoder.Autoencoder(autoencoder.AutoencoderConfig(base_channels=8, channel_mults=(1, 2, 2)))
-    words = text.TextEncoderConfig(words=tuple(captions.VOCABULARY), max_length=16, dim=16, depth=1, heads=2)
-    unet = text.TextUNet(text.TextUNetConfig(base_channels=8, channel_mults=(1, 2), text=words, attention_heads=2))
-    with torch.no_grad():        # the output layers start at zero: give them weights, so the words matter
-        for module in unet.modules():
-            if isinstance(module, text.CrossAttention):
-                torch.nn.init.normal_(module.to_out.weight, std=0.2)
-        torch.nn.init.normal_(unet.conv_out.weight, std=0.2)
-    ae_path = checkpoints.save_checkpoint(folder / "autoencoder", ae)
-    path = checkpoints.save_checkpoint(folder / "unet", unet, cosine_schedule(40),
-                                       info={"autoencoder": str(ae_path), "latent_shape": [4, 8, 16]})
-    return generate.load_pipeline(path)
+    return generate.load_pipeline(make_tiny_text_pipeline(tmp_path_factory.mktemp("tiny-prompted-digits")))
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +124,7 @@ def test_studio_generates_what_generate_makes(tiny_text_pipeline):
     studio = make_studio(pipe, prompt="a red 3 on the left", negative_prompt="blue", guidance_scale=2.0, seed=5)
     assert studio.images.shape == (2, 3, 32, 64) and studio.prompts == ["a red 3 on the left"] * 2
     assert studio.image.value[:8] == b"\x89PNG\r\n\x1a\n" and studio.message.value == ""
-    assert "2 images made" in studio.status.value
+    assert studio.status.value.startswith('2 images for "a red 3 on the left" made in')
     ids = generate.prompt_ids(pipe.model, ["a red 3 on the left"], 2)
     expected = generate.generate(pipe.model, pipe.schedule, num=2, shape=pipe.shape, cond=ids, guidance_scale=2.0,
                                  negative=pipe.model.tokenizer.encode(["blue"]), sampler="dpm", sampling_steps=3,
