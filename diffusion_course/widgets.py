@@ -642,6 +642,8 @@ class Studio(StaticCopy, ipywidgets.VBox):
         status: an ipywidgets.Label describing the result shown and how long it took.
         images: (N, C, H, W) the images shown, in [-1, 1] (CPU).  prompts: the prompt of each.
         shown: the StudioSettings the images were made with.
+        figure: the matplotlib Figure shown (prompt, settings, start image, results); None until
+            the first images are made.
         fallback_figure: the first result's figure (closed; can be saved).
     """
 
@@ -654,7 +656,7 @@ class Studio(StaticCopy, ipywidgets.VBox):
         self.pipeline, self.progress = pipeline, progress
         self.autoencoder = _autoencoder_of(pipeline)
         self.start_images, self.start_captions = _canvases(canvases, pipeline.images_shape)
-        self.images, self.prompts, self.shown, self._figure = None, [], None, None
+        self.images, self.prompts, self.shown, self.figure = None, [], None, None
         self._controls(prompt, negative_prompt, num_steps, guidance_scale, seed, sampler, num_images, max_images)
         row = ipywidgets.HBox
         super().__init__([self.prompt, self.negative_prompt, row([self.steps, self.guidance]),
@@ -665,8 +667,8 @@ class Studio(StaticCopy, ipywidgets.VBox):
             control.observe(lambda change: self._enable_edit_controls(), names="value")
         self._enable_edit_controls()
         self.generate()
-        if self._figure is not None:
-            keep_static_copy(self, self._figure, fallback)
+        if self.figure is not None:
+            keep_static_copy(self, self.figure, fallback)
 
     def _controls(self, prompt, negative_prompt, num_steps, guidance_scale, seed, sampler, num_images, max_images):
         """Make the widgets (see the class docstring)."""
@@ -686,7 +688,8 @@ class Studio(StaticCopy, ipywidgets.VBox):
         self.num_images = ipywidgets.IntSlider(value=num_images, min=1, max=max_images, description="images",
                                                continuous_update=False)
         starts = [("none (text to image)", NO_START), ("the previous result", PREVIOUS)]
-        starts += [(f"test canvas {i}: {text}", i) for i, text in enumerate(self.start_captions)]
+        starts += [(f"test canvas {i}" + (f": {text}" if text else ""), i)
+                   for i, text in enumerate(self.start_captions)]
         self.start = ipywidgets.Dropdown(options=starts, value=NO_START, description="start image", style=style)
         self.strength = ipywidgets.FloatSlider(value=0.6, min=0.05, max=1.0, step=0.05, readout_format=".2f",
                                                description="strength", continuous_update=False)
@@ -790,9 +793,9 @@ class Studio(StaticCopy, ipywidgets.VBox):
         start = None if setting.start == NO_START else self.start_image(setting.start)
         if start is not None and setting.mask != NO_MASK:      # the region to regenerate, darkened
             start = start * (1 - 0.6 * mask_of(setting.mask, start.shape[-2:]))
-        self._figure = studio_figure(images, setting, describe_setting(setting), start)
-        self.image.value = figure_to_png(self._figure, dpi=120)
-        self.image.layout.width = f"{round(self._figure.get_figwidth() * 120)}px"    # not stretched to the panel
+        self.figure = studio_figure(images, setting, describe_setting(setting), start)
+        self.image.value = figure_to_png(self.figure, dpi=120)
+        self.image.layout.width = f"{round(self.figure.get_figwidth() * 120)}px"    # not stretched to the panel
         self.images, self.prompts, self.shown = images, [setting.prompt] * len(images), setting
 
 

@@ -426,6 +426,8 @@ class StudioView:
         self.negative_prompt = self._text_box("negative prompt")
         self.steps = self.widget.locator(".widget-slider", has=page.locator("label.widget-label",
                                                                             has_text=re.compile(r"^\s*steps\s*$")))
+        self.start = self._dropdown("start image")
+        self.mask = self._dropdown("mask")
         self.image = self.widget.locator("img.widget-image")
         self.status = self.widget.locator(".widget-hbox", has=button).locator("div.widget-label")
         self.message = self.widget.locator(".widget-html")
@@ -434,6 +436,10 @@ class StudioView:
     def _text_box(self, description: str):
         label = self.page.locator("label.widget-label", has_text=re.compile(rf"^\s*{re.escape(description)}\s*$"))
         return self.widget.locator(".widget-text", has=label).locator("input")
+
+    def _dropdown(self, description: str):
+        label = self.page.locator("label.widget-label", has_text=re.compile(rf"^\s*{re.escape(description)}\s*$"))
+        return self.widget.locator(".widget-dropdown", has=label).locator("select")
 
     def image_png(self) -> bytes:
         return SliderView.image_png(self)

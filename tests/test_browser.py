@@ -248,7 +248,8 @@ def write_studio_notebook(folder: Path) -> str:
 
 def explore_studio(page, name: str, artifacts: Path) -> None:
     """Check the studio's layout, type a prompt and press Generate (a new picture and a status that
-    names the prompt), then a prompt with an unknown word (a message in the panel, no traceback)."""
+    names the prompt), then a prompt with an unknown word (a message in the panel, no traceback),
+    then edit a test canvas: image to image, and inpainting its left half."""
     view = bh.StudioView(page)
     assert view.button.count() == 1, f"expected one Generate button, found {view.button.count()}"
     assert view.fallback.count() == 0, "a static figure is shown although the live panel renders"
@@ -276,6 +277,16 @@ def explore_studio(page, name: str, artifacts: Path) -> None:
     assert not bh.differs(after, view.image_png()), "a bad prompt changed the picture"
     assert bh.error_outputs(page) == [], "an error appeared while using the studio"
     print(f"  {name}: a bad prompt -> {message[:80]!r}...")
+
+    canvas = view.start.locator("option", has_text="test canvas 1").inner_text()
+    view.start.select_option(label=canvas)                              # image to image, then inpainting
+    for mask, prompt in (("none", "a blue 4 on the left"), ("left", "a blue 4")):
+        view.mask.select_option(label=mask)
+        status = view.generate(prompt)
+        assert status.startswith(f'2 images for "{prompt}"'), f"mask {mask}: the status says {status!r}"
+        assert view.message.first.inner_text().strip() == "" and bh.error_outputs(page) == []
+        print(f"  {name}: from {canvas!r}, mask {mask} -> {status!r}")
+    view.widget.screenshot(path=str(artifacts / f"{name}-3-after-inpainting.png"))
 
 
 def test_studio_in_a_real_browser(page, lab, artifacts):

@@ -181,7 +181,7 @@ def test_studio_edits_start_images_in_the_latent_space(tiny_text_pipeline, canva
     assert not studio.mask.disabled and not studio.strength.disabled
     studio.strength.value = 0.5
     studio.button.click()
-    assert studio.images.shape == (2, 3, 32, 64) and "strength 0.5" in studio._figure.get_suptitle()
+    assert studio.images.shape == (2, 3, 32, 64) and "strength 0.5" in studio.figure.get_suptitle()
     ae = widgets.checkpoints.load_checkpoint(pipe.info["autoencoder"]).model
     latents = ae.encode_latents(canvases[2:3]).expand(2, -1, -1, -1).contiguous()
     model = guidance.guided(pipe.model, 2.0)
@@ -196,11 +196,11 @@ def test_studio_edits_start_images_in_the_latent_space(tiny_text_pipeline, canva
         expected = editing.inpaint(model, latents, widgets.mask_of("right", (8, 16)), pipe.schedule,
                                    generator=torch.Generator().manual_seed(1), **options)
         torch.testing.assert_close(studio.images, pipe.decode(expected))
-    assert "inpainting the right of test canvas 2" in studio._figure.get_suptitle().replace("\n", " ")
+    assert "inpainting the right of test canvas 2" in studio.figure.get_suptitle().replace("\n", " ")
     studio.start.value, studio.mask.value = "previous", "none"
     previous = studio.images[:1].clone()
     studio.button.click()
-    assert "image to image from the previous result" in studio._figure.get_suptitle().replace("\n", " ")
+    assert "image to image from the previous result" in studio.figure.get_suptitle().replace("\n", " ")
     assert not torch.equal(previous, studio.images[:1])
 
 
