@@ -196,6 +196,8 @@ def run_edit(args) -> int:
     if args.mask is not None and args.strength is not None:
         raise ValueError("Give --strength (image-to-image) or --mask (inpainting), not both.")
     checkpoint = checkpoints.load_checkpoint(args.checkpoint)
+    if not isinstance(checkpoint.model, UNet) or hasattr(checkpoint.model, "tokenizer"):
+        raise ValueError("edit takes a class-conditional pixel model such as 'mnist' (text-to-image editing: lesson 09's studio).")
     model, (channels, size, _) = checkpoint.model, image_shape(checkpoint.model)
     labels = data.parse_labels("none" if args.label is None else str(args.label), args.num, model.null_class, "--label")
     data.check_free(args.out, args.overwrite)            # before any work: never overwrite without asking
@@ -219,9 +221,7 @@ def run_edit(args) -> int:
 def run_evaluate(args) -> int:
     samples = data.load_samples(args.file)
     if samples.prompts is not None:       # text-to-image samples: does each image show what its prompt asks?
-        score = captions.adherence(samples.images, samples.prompts)
-        print(f"{score['num']} samples: the named digits right {score['digits']:.1%}, the named colours right "
-              f"{score['colours']:.1%}, everything named right {score['all']:.1%}")
+        print(captions.format_adherence(captions.adherence(samples.images, samples.prompts)))
         return 0
     dataset = args.dataset or metrics.dataset_for(samples.images)
     print(metrics.format_report(metrics.evaluate_samples(samples.images, samples.labels, dataset=dataset)))

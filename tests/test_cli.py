@@ -286,3 +286,12 @@ def test_evaluate_scores_prompt_adherence_of_text_samples(data_root, tmp_path, c
         assert cli.main(["evaluate", str(tmp_path / f"{name}.npz")]) == 0
         shares.append(float(capsys.readouterr().out.split("everything named right ")[1].rstrip("%\n")))
     assert shares[0] >= 80 and shares[1] <= 20, shares
+
+
+@pytest.mark.parametrize("command", ["sample", "edit"])
+@pytest.mark.parametrize("name", ["prompted-digits-autoencoder", "prompted-digits-clip"])
+def test_parts_that_make_no_images_are_refused_clearly(name, command, tmp_path, capsys):
+    argv = [command, "--checkpoint", name, "--num", "2", "--out", str(tmp_path / "x.npz")]
+    assert cli.main(argv + (["--test-digit", "0"] if command == "edit" else [])) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and ("not a diffusion model" in err or "edit takes" in err), err
