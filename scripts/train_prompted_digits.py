@@ -99,7 +99,7 @@ def train_unet(canvases, args) -> runs.TrainResult:
     # test canvas's own caption to the colour-swapped one 51% of the time: chance), the
     # "bag of words" failure of CLIP models (Yuksekgonul et al. 2023).
     model.text_encoder.requires_grad_(True)
-    schedule = schedules.cosine_schedule()
+    schedule = schedules.scaled_linear_schedule()   # Stable Diffusion's: alpha_bar_{T-1} ~ 0.0047, not ~0 (see its docstring)
     loss_fn = functools.partial(diffusion_loss, schedule=schedule, min_snr_gamma=5.0)
     info = {"dataset": "prompted-digits", "schedule": schedule.to_config(), "min_snr_gamma": 5.0,
             "autoencoder": f"pretrained:{SHIPPED['autoencoder']}", "latent_shape": list(latents.shape[1:]),
