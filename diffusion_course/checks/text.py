@@ -22,7 +22,7 @@ HINTS = {
         "In a batch of B pairs, each image should pick out its own caption among the B captions, and each "
         "caption its own image among the B images. Which entry of each row of the B x B similarity table "
         "is the right answer, and are there one or two ways to read the table?",
-        "CLIP's loss (Radford et al. 2021, Fig. 3): logits = the model's scaled cosine similarities, images "
+        "Eq. 1 of lesson 09, CLIP's loss (Radford et al. 2021, Fig. 3): logits = the model's scaled cosine similarities, images "
         "as rows and captions as columns; the cross-entropy of each row with target its own index, the same "
         "for each column, and the average of the two.",
         "logits = model(x0, cond)                      # (B, B), already times exp(logit_scale)\n"
@@ -33,7 +33,7 @@ HINTS = {
         "Every pixel asks a question (its query) and every token offers an answer key; the weights say how "
         "much each pixel reads each token. Where do the queries come from, where the keys, how is their "
         "dot product kept from growing with the head size, and how do pads end up with no weight at all?",
-        "Eq. 1 of lesson 09: softmax(Q K^T / sqrt(d)) over the tokens, per head, with d = channels / heads; "
+        "Eq. 2 of lesson 09: softmax(Q K^T / sqrt(d)) over the tokens, per head, with d = channels / heads; "
         "Q = to_q of the GroupNorm'd pixels (a sequence of H*W pixels), K = to_k of the token features; "
         "scores of pad tokens (mask False) set to minus infinity before the softmax.",
         "pixels = layer.norm(x).flatten(2).transpose(1, 2)                     # (B, H*W, C)\n"
