@@ -22,9 +22,9 @@ HINTS = {
         "In a batch of B pairs, each image should pick out its own caption among the B captions, and each "
         "caption its own image among the B images. Which entry of each row of the B x B similarity table "
         "is the right answer, and are there one or two ways to read the table?",
-        "Eq. 1 of lesson 09, CLIP's loss (Radford et al. 2021, Fig. 3): logits = the model's scaled cosine similarities, images "
-        "as rows and captions as columns; the cross-entropy of each row with target its own index, the same "
-        "for each column, and the average of the two.",
+        "Eq. 1 of lesson 09, CLIP's loss (Radford et al. 2021, Fig. 3): logits = the model's scaled cosine "
+        "similarities, images as rows and captions as columns; the cross-entropy of each row with target its "
+        "own index, the same for each column, and the average of the two.",
         "logits = model(x0, cond)                      # (B, B), already times exp(logit_scale)\n"
         "target = torch.arange(B)\n"
         "return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2",
