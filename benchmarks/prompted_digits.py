@@ -24,11 +24,12 @@ decoder, DPM-Solver++ `--steps` 20, guidance `--guidance` 3) and judged from its
    config on pixels (3 x 32 x 64; the network is fully convolutional), both freshly initialised:
    images per second of a training step (diffusion_loss, backward, AdamW step; a batch of real
    test canvases or their latents) and of sampling (`--steps` guided calls of DPM-Solver++, plus
-   the decoder for latents). Each is the median of `--repeats` timings after one warm-up; a single
-   timing on a shared machine is not to be trusted.
+   the decoder for latents). Each is the median of `--repeats` (training) or `--sample-repeats`
+   (sampling) timings after one warm-up; a single timing on a shared machine is not to be trusted.
 
-Intervals are 95%: Wilson's score interval for a share of images; for the red share, whose two
-sides of one image are not independent, a bootstrap over images (2,000 resamples).
+Intervals are 95%: Wilson's score interval for a share of images. For the red share, whose two
+digits of one image are not independent, the wider of a bootstrap over images (2,000 resamples)
+and Wilson's interval over the 2N digits (the bootstrap alone collapses to [0, 0] when no digit is red).
 """
 
 from __future__ import annotations
@@ -130,8 +131,14 @@ def negative_record(pipeline: generate.Pipeline, scenes: torch.Tensor, args) -> 
     with_red = red_counts(sample(pipeline, prompts, args, negative="red"))
     share = lambda counts: round(float(counts.sum()) / (2 * len(counts)), 4)
     return {"red_share_without": share(without), "red_share_with": share(with_red), "num": len(prompts),
-            "interval_without": bootstrap_interval(without, 2), "interval_with": bootstrap_interval(with_red, 2),
+            "interval_without": red_interval(without), "interval_with": red_interval(with_red),
             "negative_prompt": "red", "example_prompt": prompts[0]}
+
+
+def red_interval(counts: torch.Tensor) -> list[float]:
+    """The wider of the bootstrap over images and Wilson's interval over the 2N digits."""
+    boot, wilson = bootstrap_interval(counts, 2), wilson_interval(int(counts.sum()), 2 * len(counts))
+    return [min(boot[0], wilson[0]), max(boot[1], wilson[1])]
 
 
 def median_seconds(action, repeats: int) -> float:
@@ -161,13 +168,12 @@ def train_images_per_s(model, x0: torch.Tensor, ids: torch.Tensor, schedule, rep
     return len(x0) / seconds
 
 
-def sample_images_per_s(model, schedule, shape: tuple, ids: torch.Tensor, args, decode=None,
-                        repeats: int = 3) -> float:
-    """Images per second of sampling len(ids) images: `args.steps` guided calls (+ decode)."""
-    run = lambda: generate.generate(model, schedule, num=len(ids), shape=shape, cond=ids, guidance_scale=args.guidance,
-                                    sampler="dpm", sampling_steps=args.steps, seed=0, decode=decode,
-                                    clip_x0=None if decode is not None else 1.0, batch_size=len(ids))
-    return len(ids) / median_seconds(run, repeats)
+def sample_images_per_s(model, schedule, shape: tuple, ids: torch.Tensor, args, decode=None) -> float:
+    """Images per second of sampling len(ids) images in one batch: `args.steps` guided calls (+ decode)."""
+    run = lambda: generate.generate(model, schedule, num=len(ids), shape=shape, cond=ids,
+                                    guidance_scale=args.guidance, sampler="dpm", sampling_steps=args.steps, seed=0,
+                                    decode=decode, clip_x0=None if decode is not None else 1.0, batch_size=len(ids))
+    return len(ids) / median_seconds(run, args.sample_repeats)
 
 
 def speed_record(pipeline: generate.Pipeline, real: captions.PromptedDigits, args) -> dict:
@@ -188,19 +194,20 @@ def speed_record(pipeline: generate.Pipeline, real: captions.PromptedDigits, arg
         record[f"{name}_train_images_per_s"] = round(
             train_images_per_s(model, x0, ids, pipeline.schedule, args.repeats), 2)
         record[f"{name}_sample_images_per_s"] = round(
-            sample_images_per_s(model, pipeline.schedule, tuple(x0.shape[1:]), ids, args, decode, args.repeats), 2)
+            sample_images_per_s(model, pipeline.schedule, tuple(x0.shape[1:]), ids, args, decode), 2)
         record[f"{name}_shape"] = list(x0.shape[1:])
         common.log(f"speed, {name}: train {record[f'{name}_train_images_per_s']:.1f} images/s, "
                    f"sample {record[f'{name}_sample_images_per_s']:.1f} images/s")
     record["train_ratio"] = round(record["latent_train_images_per_s"] / record["pixel_train_images_per_s"], 2)
     record["sample_ratio"] = round(record["latent_sample_images_per_s"] / record["pixel_sample_images_per_s"], 2)
-    return record | {"batch_size": len(images), "repeats": args.repeats, "statistic": "median after one warm-up",
-                     "threads": torch.get_num_threads()}
+    return record | {"batch_size": len(images), "train_repeats": args.repeats, "sample_repeats": args.sample_repeats,
+                     "statistic": "median after one warm-up", "threads": torch.get_num_threads()}
 
 
 def share_rows(results: dict) -> list[dict]:
     rows = []
-    for key, what in (("adherence_full", "adherence, full prompts"), ("adherence_partial", "adherence, partial prompts"),
+    for key, what in (("adherence_full", "adherence, full prompts"),
+                      ("adherence_partial", "adherence, partial prompts"),
                       ("real_ceiling", "real test canvases, own full captions")):
         entry = results[key]
         rows.append({"measure": f"{what}: all", "share": entry["all"], "95% interval": _interval(entry["interval_all"]),
@@ -217,8 +224,34 @@ def _interval(pair: list[float]) -> str:
 
 
 def speed_rows(speed: dict) -> list[dict]:
-    return [{"images/s": what, "latent": speed[f"latent_{key}_images_per_s"], "pixel": speed[f"pixel_{key}_images_per_s"],
-             "latent / pixel": speed[f"{key}_ratio"]} for what, key in (("training step", "train"), ("sampling", "sample"))]
+    return [{"images/s": what, "latent": speed[f"latent_{key}_images_per_s"],
+             "pixel": speed[f"pixel_{key}_images_per_s"], "latent / pixel": speed[f"{key}_ratio"]}
+            for what, key in (("training step", "train"), ("sampling", "sample"))]
+
+
+def measure(pipeline: generate.Pipeline, args) -> dict:
+    """The three measures: adherence (full, partial, real ceiling), the negative prompt, speed."""
+    classifier = metrics.load_classifier("mnist")
+    real = captions.build_prompted_digits(max(args.num, args.speed_batch), train=False, seed=args.scene_seed)
+    scenes, results = real.scenes[:args.num], {}
+    full = [captions.full_caption(scene) for scene in scenes]
+    for key, prompts in (("adherence_full", full), ("adherence_partial", partial_prompts(scenes, args.scene_seed))):
+        results[key] = adherence_record(sample(pipeline, prompts, args), prompts, classifier)
+        results[key]["example_prompt"] = prompts[0]
+        common.log(f"{key}: {results[key]}")
+    results["real_ceiling"] = adherence_record(real.images[:args.num], full, classifier)
+    results["negative_prompt"] = negative_record(pipeline, scenes, args)
+    results["speed"] = speed_record(pipeline, real, args)
+    return results
+
+
+def print_tables(results: dict, args, info: dict) -> None:
+    print(common.format_table(share_rows(results), ["measure", "share", "95% interval", "digits", "colours", "num"]))
+    print()
+    print(common.format_table(speed_rows(results["speed"]), ["images/s", "latent", "pixel", "latent / pixel"]))
+    print(f"\nspeed: medians of {args.repeats} training steps and {args.sample_repeats} sampling runs after a "
+          f"warm-up each, batch {results['speed']['batch_size']}, {results['speed']['threads']} threads on "
+          f"{info['cpu']}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,36 +267,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=100, help="images per sampler call (default 100)")
     parser.add_argument("--speed-batch", type=int, help="images per timed training step / sampling call "
                                                        "(default 64; 4 with --quick)")
-    parser.add_argument("--repeats", type=int, help="timings per speed measure, median reported (default 5; 2 with --quick)")
+    parser.add_argument("--repeats", type=int,
+                        help="timed training steps, median reported (default 5; 2 with --quick)")
+    parser.add_argument("--sample-repeats", type=int,
+                        help="timed sampling runs, median reported (default 3; 2 with --quick)")
     args = parser.parse_args(argv)
     args.num = args.num or (20 if args.quick else 500)
     args.steps = args.steps or (5 if args.quick else 20)
     args.speed_batch = args.speed_batch or (4 if args.quick else 64)
     args.repeats = args.repeats or (2 if args.quick else 5)
-    if min(args.num, args.steps, args.speed_batch, args.repeats, args.batch_size) < 1:
-        parser.error("--num, --steps, --speed-batch, --repeats and --batch-size must be at least 1.")
+    args.sample_repeats = args.sample_repeats or (2 if args.quick else 3)
+    if min(args.num, args.steps, args.speed_batch, args.repeats, args.sample_repeats, args.batch_size) < 1:
+        parser.error("--num, --steps, --speed-batch, --repeats, --sample-repeats and --batch-size must be at least 1.")
     info = common.machine_info()
     common.log(f"prompted_digits: load average {info['load_average']}, {info['torch_threads']} threads")
     start = time.perf_counter()
     pipeline = generate.load_pipeline(args.checkpoint)
-    classifier = metrics.load_classifier("mnist")
-    real = captions.build_prompted_digits(max(args.num, args.speed_batch), train=False, seed=args.scene_seed)
-    scenes = real.scenes[:args.num]
-    results = {}
-    for key, prompts in (("adherence_full", [captions.full_caption(s) for s in scenes]),
-                         ("adherence_partial", partial_prompts(scenes, args.scene_seed))):
-        results[key] = adherence_record(sample(pipeline, prompts, args), prompts, classifier)
-        results[key]["example_prompt"] = prompts[0]
-        common.log(f"{key}: {results[key]}")
-    results["real_ceiling"] = adherence_record(real.images[:args.num], [captions.full_caption(s) for s in scenes],
-                                               classifier)
-    results["negative_prompt"] = negative_record(pipeline, scenes, args)
-    results["speed"] = speed_record(pipeline, real, args)
-    print(common.format_table(share_rows(results), ["measure", "share", "95% interval", "digits", "colours", "num"]))
-    print()
-    print(common.format_table(speed_rows(results["speed"]), ["images/s", "latent", "pixel", "latent / pixel"]))
-    print(f"\nspeed: median of {args.repeats} timings after a warm-up, batch {results['speed']['batch_size']}, "
-          f"{results['speed']['threads']} threads on {info['cpu']}")
+    results = measure(pipeline, args)
+    print_tables(results, args, info)
     results |= {"checkpoint": str(pipeline.path), "guidance": args.guidance, "sampler": "dpm", "steps": args.steps,
                 "seed": args.seed, "scene_seed": args.scene_seed, "seconds": round(time.perf_counter() - start, 1),
                 "machine": info, "load_average_end": [round(x, 2) for x in os.getloadavg()], "quick": args.quick}
