@@ -1,5 +1,7 @@
-"""Prompted digits: does the shipped small Stable Diffusion draw what its prompts say, does a
-negative prompt keep a colour away, and what do latents buy in speed (issue 15's measures).
+"""Prompted digits: prompt adherence, negative prompts and latent vs pixel speed of the small Stable Diffusion.
+
+Does the shipped model draw what its prompts say, does a negative prompt keep a colour away, and
+what do latents buy in speed (issue 15's measures)?
 
     python -m benchmarks.prompted_digits            (N = 500 samples per measure; minutes on 2 cores)
     python -m benchmarks.prompted_digits --quick    (seconds; checks that it runs, measures nothing)
