@@ -192,7 +192,7 @@ def test_prompted_digits_quick(tmp_path, capsys, data_root):
         argv += ["--checkpoint", str(tiny_text_to_image(tmp_path / "model"))]
     assert prompted_digits.main(argv) == 0
     lines = table_lines(capsys.readouterr().out)
-    assert lines[0].split()[:2] == ["measure", "share"] and len(lines) == 6
+    assert lines[0].split()[:2] == ["measure", "share"] and len(lines) == 7
     record = read_results(tmp_path, "prompted_digits")
     for key in ("adherence_full", "adherence_partial", "real_ceiling"):
         entry = record[key]
@@ -201,7 +201,7 @@ def test_prompted_digits_quick(tmp_path, capsys, data_root):
         assert 0 <= low <= entry["all"] <= high <= 1
     negative = record["negative_prompt"]
     assert negative["num"] == 8 and {"red_share_without", "red_share_with"} <= set(negative)
-    for side in ("without", "with"):
+    for side in ("without", "with", "real"):
         low, high = negative[f"interval_{side}"]
         assert 0 <= low <= negative[f"red_share_{side}"] <= high <= 1
     speed = record["speed"]
