@@ -8,8 +8,9 @@ what do latents buy in speed (issue 15's measures)?
     python -m benchmarks.prompted_digits --checkpoint runs/prompted-digits/unet   (a run folder or checkpoint)
 
 Every image is made the one way (generate.load_pipeline, generate.generate with the pipeline's
-decoder, DPM-Solver++ `--steps` 20, guidance `--guidance` 3) and judged from its pixels
-(captions.adherence: the shipped MNIST classifier on each half for digits, the palette for colours).
+decoder, DPM-Solver++ `--steps` 20, guidance `--guidance` 3, latent x0 guesses unclamped unless
+`--clip-x0` says so) and judged from its pixels (captions.adherence: the shipped MNIST classifier
+on each half for digits, the palette for colours).
 
 1. Prompt adherence. Scenes (digit, colour, size per side) come from MNIST's held-back test split
    (captions.build_prompted_digits(N, train=False, seed=--scene-seed), whose scenes are
@@ -25,8 +26,9 @@ decoder, DPM-Solver++ `--steps` 20, guidance `--guidance` 3) and judged from its
    1/7) is reported beside them.
 3. Speed. The shipped U-Net's config on latents (its latent shape, e.g. 4 x 8 x 16) against the same
    config on pixels (3 x 32 x 64; the network is fully convolutional), both freshly initialised:
-   images per second of a training step (diffusion_loss, backward, AdamW step; a batch of real
-   test canvases or their latents) and of sampling (`--steps` guided calls of DPM-Solver++, plus
+   images per second of a training step (diffusion_loss, backward, AdamW step, the text encoder
+   trained too when the shipped model's config.json says it was fine-tuned; a batch of real test
+   canvases or their latents) and of sampling (`--steps` guided calls of DPM-Solver++, plus
    the decoder for latents). Each is the median of `--repeats` (training) or `--sample-repeats`
    (sampling) timings after one warm-up; a single timing on a shared machine is not to be trusted.
 
@@ -110,7 +112,7 @@ def sample(pipeline: generate.Pipeline, prompts: list[str], args, negative: str 
     negative_ids = None if negative is None else generate.prompt_ids(model, [negative], 1)
     return generate.generate(model, pipeline.schedule, num=len(prompts), shape=pipeline.shape, cond=ids,
                              guidance_scale=args.guidance, negative=negative_ids, sampler="dpm",
-                             sampling_steps=args.steps, seed=args.seed, decode=pipeline.decode, clip_x0=None,
+                             sampling_steps=args.steps, seed=args.seed, decode=pipeline.decode, clip_x0=args.clip_x0,
                              batch_size=args.batch_size)
 
 
@@ -179,7 +181,8 @@ def sample_images_per_s(model, schedule, shape: tuple, ids: torch.Tensor, args, 
     """Images per second of sampling len(ids) images in one batch: `args.steps` guided calls (+ decode)."""
     run = lambda: generate.generate(model, schedule, num=len(ids), shape=shape, cond=ids,
                                     guidance_scale=args.guidance, sampler="dpm", sampling_steps=args.steps, seed=0,
-                                    decode=decode, clip_x0=None if decode is not None else 1.0, batch_size=len(ids))
+                                    decode=decode, clip_x0=args.clip_x0 if decode is not None else 1.0,
+                                    batch_size=len(ids))
     return len(ids) / median_seconds(run, args.sample_repeats)
 
 
@@ -193,11 +196,13 @@ def speed_record(pipeline: generate.Pipeline, real: captions.PromptedDigits, arg
     with torch.no_grad():
         latents = autoencoder.encode_latents(images)
     pixel_config = dataclasses.replace(config, in_channels=images.shape[1], image_size=images.shape[2])
+    train_text = str(pipeline.info.get("text_encoder", "")).startswith("fine-tuned")   # the shipped recipe's choice
     record = {}
     for name, model_config, x0, decode in (("latent", config, latents, autoencoder.decode_latents),
                                            ("pixel", pixel_config, images, None)):
         torch.manual_seed(0)
         model = text.TextUNet(model_config)
+        model.text_encoder.requires_grad_(train_text)
         record[f"{name}_train_images_per_s"] = round(
             train_images_per_s(model, x0, ids, pipeline.schedule, args.repeats), 2)
         record[f"{name}_sample_images_per_s"] = round(
@@ -207,7 +212,8 @@ def speed_record(pipeline: generate.Pipeline, real: captions.PromptedDigits, arg
                    f"sample {record[f'{name}_sample_images_per_s']:.1f} images/s")
     record["train_ratio"] = round(record["latent_train_images_per_s"] / record["pixel_train_images_per_s"], 2)
     record["sample_ratio"] = round(record["latent_sample_images_per_s"] / record["pixel_sample_images_per_s"], 2)
-    return record | {"batch_size": len(images), "train_repeats": args.repeats, "sample_repeats": args.sample_repeats,
+    return record | {"text_encoder_trained": train_text, "batch_size": len(images), "train_repeats": args.repeats,
+                     "sample_repeats": args.sample_repeats,
                      "statistic": "median after one warm-up", "threads": torch.get_num_threads()}
 
 
@@ -270,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num", type=int, help="samples per measure (default 500; 20 with --quick)")
     parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
     parser.add_argument("--steps", type=int, help="DPM-Solver++ steps (default 20; 5 with --quick)")
+    parser.add_argument("--clip-x0", type=float, help="clamp the sampler's latent x0 guesses to [-r, r] "
+                                                    "(default: none, as the command line samples latents)")
     parser.add_argument("--seed", type=int, default=0, help="the samples' seed (default 0)")
     parser.add_argument("--scene-seed", type=int, default=1, help="the test scenes' and captions' seed (default 1)")
     parser.add_argument("--batch-size", type=int, default=100, help="images per sampler call (default 100)")
@@ -294,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     results = measure(pipeline, args)
     print_tables(results, args, info)
     results |= {"checkpoint": str(pipeline.path), "guidance": args.guidance, "sampler": "dpm", "steps": args.steps,
+                "clip_x0": args.clip_x0,
                 "seed": args.seed, "scene_seed": args.scene_seed, "seconds": round(time.perf_counter() - start, 1),
                 "machine": info, "load_average_end": [round(x, 2) for x in os.getloadavg()], "quick": args.quick}
     path = common.write_results("prompted_digits", results, args.out_dir)

@@ -209,6 +209,7 @@ def test_prompted_digits_quick(tmp_path, capsys, data_root):
         assert speed[f"{key}_images_per_s"] > 0
     assert speed["train_ratio"] > 0 and speed["sample_ratio"] > 0 and speed["pixel_shape"] == [3, 32, 64]
     assert record["guidance"] == 3.0 and record["sampler"] == "dpm" and record["steps"] == 5
+    assert record["clip_x0"] is None and isinstance(speed["text_encoder_trained"], bool)
     assert {"cpu", "torch_threads"} <= set(record["machine"])
 
 
