@@ -508,6 +508,12 @@ def _matches(wanted: DigitSpec, side: list[int], key: str) -> bool:
 # ----------------------------------------------------------------------------------------------
 # Copying
 
+
+def format_adherence(score: dict) -> str:
+    """One line for `adherence`'s result (what `diffusion-course evaluate` prints for text samples)."""
+    return (f"{score['num']} samples: the named digits right {score['digits']:.1%}, the named colours right "
+            f"{score['colours']:.1%}, everything named right {score['all']:.1%}")
+
 class Nearest(NamedTuple):
     distances: Tensor   # (N, k) L2 distances in pixel space (values in [-1, 1]), nearest first
     indices: Tensor     # (N, k) int64 rows of train_images

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from . import checkpoints, data, editing, metrics, runs, sampling, schedules
+from . import captions, checkpoints, data, editing, metrics, runs, sampling, schedules
 from .generate import generate_to_file, image_shape, load_pipeline, prompt_ids
 from .guidance import guided
 from .threads import use_best_threads
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(commands.add_parser("train", help="train a diffusion model from scratch (or resume)"))
     _add_sample(commands.add_parser("sample", help="generate images into an .npz file and a PNG grid"))
     _add_edit(commands.add_parser("edit", help="image-to-image (--strength) or inpainting (--mask) of an image"))
-    evaluate = commands.add_parser("evaluate", help="class accuracy, Frechet and kernel distance of an .npz of samples")
+    evaluate = commands.add_parser("evaluate", help="class accuracy, Frechet and kernel distance (or prompt adherence) of samples")
     evaluate.add_argument("file", help="an .npz written by `sample`")
     evaluate.add_argument("--dataset", choices=list(metrics.CLASSIFIERS), help="default: the first whose shape fits")
     evaluate.set_defaults(run=run_evaluate, device="cpu")
@@ -196,6 +196,8 @@ def run_edit(args) -> int:
     if args.mask is not None and args.strength is not None:
         raise ValueError("Give --strength (image-to-image) or --mask (inpainting), not both.")
     checkpoint = checkpoints.load_checkpoint(args.checkpoint)
+    if not isinstance(checkpoint.model, UNet) or hasattr(checkpoint.model, "tokenizer"):
+        raise ValueError("edit takes a class-conditional pixel model such as 'mnist' (text-to-image editing: lesson 09's studio).")
     model, (channels, size, _) = checkpoint.model, image_shape(checkpoint.model)
     labels = data.parse_labels("none" if args.label is None else str(args.label), args.num, model.null_class, "--label")
     data.check_free(args.out, args.overwrite)            # before any work: never overwrite without asking
@@ -218,6 +220,9 @@ def run_edit(args) -> int:
 
 def run_evaluate(args) -> int:
     samples = data.load_samples(args.file)
+    if samples.prompts is not None:       # text-to-image samples: does each image show what its prompt asks?
+        print(captions.format_adherence(captions.adherence(samples.images, samples.prompts)))
+        return 0
     dataset = args.dataset or metrics.dataset_for(samples.images)
     print(metrics.format_report(metrics.evaluate_samples(samples.images, samples.labels, dataset=dataset)))
     return 0

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from . import checkpoints, data, sampling
 from .guidance import guided
 from .schedules import NoiseSchedule
+from .unet import UNet
 
 
 def generate(model, schedule: NoiseSchedule, **options) -> Tensor:
@@ -111,6 +112,10 @@ def load_pipeline(name: str | Path, device: str | torch.device = "cpu") -> Pipel
     decode step, as Stable Diffusion decodes its latents with its VAE."""
     checkpoint = checkpoints.load_checkpoint(name, device)
     model, info = checkpoint.model, checkpoint.info
+    if not isinstance(model, UNet) or checkpoint.schedule is None:
+        raise ValueError(f"{checkpoint.path} holds a {info.get('type', 'unet')!r} model, not a diffusion model "
+                         "with its noise schedule: it makes no images by itself (the shipped diffusion models: "
+                         "'mnist' and 'prompted-digits').")
     if info.get("autoencoder") is None:
         shape = image_shape(model)
         return Pipeline(model, checkpoint.schedule, shape, None, shape, info, checkpoint.path)

@@ -35,7 +35,7 @@ class NoiseSchedule:
     beta: Tensor       # variance of the noise added at each step, in (0, 1)
     alpha: Tensor      # 1 - beta: the fraction of the signal's variance kept by each step
     alpha_bar: Tensor  # cumulative product of alpha: the signal's variance left after step t
-    name: str = "custom"  # "linear" or "cosine"; recorded in checkpoints
+    name: str = "custom"  # "linear", "cosine" or "scaled_linear"; recorded in checkpoints
     options: tuple = ()   # the named schedule's other arguments, as (key, value) pairs
 
     @property
@@ -86,7 +86,21 @@ def cosine_schedule(num_steps: int = 1000, s: float = 0.008) -> NoiseSchedule:
     return schedule_from_beta(beta, "cosine", (("s", s),))
 
 
-SCHEDULES = {"linear": linear_schedule, "cosine": cosine_schedule}
+def scaled_linear_schedule(num_steps: int = 1000, beta_start: float = 0.00085,
+                           beta_end: float = 0.012) -> NoiseSchedule:
+    """Stable Diffusion's schedule (Rombach et al. 2022; diffusers' "scaled_linear"): sqrt(beta)
+    grows linearly. It stops early: alpha_bar_{T-1} is about 0.0047, not about 0 as with the cosine
+    schedule, so a sampler's first x0 guess divides the noise error by sqrt(alpha_bar) ~ 0.07
+    instead of ~5e-5. Latents cannot be clipped to a known range as pixels can, so a latent model
+    needs that (lesson 08)."""
+    _check_num_steps(num_steps)
+    scale = 1000 / num_steps
+    beta = torch.linspace(math.sqrt(beta_start * scale), math.sqrt(beta_end * scale), num_steps,
+                          dtype=torch.float64) ** 2
+    return schedule_from_beta(beta, "scaled_linear", (("beta_start", beta_start), ("beta_end", beta_end)))
+
+
+SCHEDULES = {"linear": linear_schedule, "cosine": cosine_schedule, "scaled_linear": scaled_linear_schedule}
 
 
 def schedule_from_config(config: dict) -> NoiseSchedule:

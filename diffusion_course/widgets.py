@@ -1,5 +1,6 @@
 """Interactive explorers for the notebooks (ipywidgets), ring 3: lesson 01's timestep explorer,
-lesson 04's reverse process, lesson 05's guidance scale, lesson 06's image-to-image strength.
+lesson 04's reverse process, lesson 05's guidance scale, lesson 06's image-to-image strength, and
+lesson 09's studio (a text-to-image web UI: prompt, guidance, seed, start image, mask; Generate).
 
 Each explorer is a widget (a VBox) that you display by making it the last line of a cell.
 Its picture is a PNG in an `ipywidgets.Image` that is redrawn in place when a slider moves,
@@ -14,8 +15,10 @@ read `explorer.image.value` (the PNG bytes shown) or the explorer's own document
 from __future__ import annotations
 
 import base64
+import html
 import io
 import math
+import textwrap
 import time
 from typing import NamedTuple, Sequence
 
@@ -29,9 +32,9 @@ from PIL import Image as PILImage
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import sampling, viz
-from .editing import check_images, img2img
-from .generate import generate, image_shape
+from . import checkpoints, sampling, viz
+from .editing import MASKS, check_images, img2img, inpaint, make_mask
+from .generate import generate, image_shape, prompt_ids
 from .guidance import guided
 from .schedules import NoiseSchedule, cosine_schedule, linear_schedule, q_sample
 
@@ -593,3 +596,302 @@ def strength_explorer(model, schedule: NoiseSchedule, images: Tensor, strength: 
     """
     return StrengthExplorer(model, schedule, images, strength, target, num_steps, guidance_scale, seed,
                             fallback=fallback)
+
+
+# --- Lesson 09: the studio (text to image, image to image, inpainting) ------------------------
+
+SAMPLER_NAMES = {"dpm": "DPM-Solver++", "ddim": "DDIM", "ddpm": "DDPM (every step)"}
+NO_START, PREVIOUS, NO_MASK = "none", "previous", "none"
+
+
+class StudioSettings(NamedTuple):
+    """What the studio's controls say (Studio.settings()); start is NO_START, PREVIOUS or the
+    index of a test canvas, mask NO_MASK or one of editing.MASKS."""
+    prompt: str
+    negative_prompt: str
+    steps: int
+    guidance_scale: float
+    seed: int
+    sampler: str
+    num_images: int
+    start: str | int
+    strength: float
+    mask: str
+
+
+class Studio(StaticCopy, ipywidgets.VBox):
+    """The controls of a Stable Diffusion web UI in one panel, for a text-to-image pipeline.
+
+    Text to image by default; with a start image (a test canvas, or the first image of the last
+    result), image to image at the chosen strength (editing.img2img), or, with a mask, inpainting
+    of the masked region (editing.inpaint). Edits run in the latent space: the start image is
+    encoded with the pipeline's autoencoder, edited, and decoded. Nothing happens until the
+    Generate button is pressed (it is pressed once when the panel is made).
+
+    A prompt the tokenizer cannot read (an unknown word, too many words) is shown as a message in
+    the panel and the last images stay; nothing is raised.
+
+    Attributes (for driving it from code):
+        prompt, negative_prompt: Text boxes.  steps: IntSlider.  guidance: FloatSlider
+            "guidance scale".  seed: BoundedIntText.  sampler: Dropdown of sampling.SAMPLERS.
+        num_images: IntSlider "images".  start: Dropdown of start images.  strength: FloatSlider.
+        mask: Dropdown, NO_MASK or one of editing.MASKS.  button: the Generate button; call
+            `generate()` to press it.
+        image: the ipywidgets.Image showing the result; `image.value` is PNG bytes.
+        message: an ipywidgets.HTML, empty unless the last press went wrong (then it says why).
+        status: an ipywidgets.Label describing the result shown and how long it took.
+        images: (N, C, H, W) the images shown, in [-1, 1] (CPU).  prompts: the prompt of each.
+        shown: the StudioSettings the images were made with.
+        figure: the matplotlib Figure shown (prompt, settings, start image, results); None until
+            the first images are made.
+        fallback_figure: the first result's figure (closed; can be saved).
+    """
+
+    def __init__(self, pipeline, canvases=None, *, prompt: str = "", negative_prompt: str = "", num_steps: int = 20,
+                 guidance_scale: float = 3.0, seed: int = 0, sampler: str = "dpm", num_images: int = 4,
+                 max_images: int = 8, progress: bool = True, fallback: bool = True):
+        if getattr(pipeline.model, "tokenizer", None) is None:
+            raise ValueError("The studio needs a text-to-image pipeline (a model with a tokenizer), "
+                             "e.g. generate.load_pipeline('prompted-digits').")
+        self.pipeline, self.progress = pipeline, progress
+        self.autoencoder = _autoencoder_of(pipeline)
+        self.start_images, self.start_captions = _canvases(canvases, pipeline.images_shape)
+        self.images, self.prompts, self.shown, self.figure = None, [], None, None
+        self._controls(prompt, negative_prompt, num_steps, guidance_scale, seed, sampler, num_images, max_images)
+        row = ipywidgets.HBox
+        super().__init__([self.prompt, self.negative_prompt, row([self.steps, self.guidance]),
+                          row([self.sampler, self.seed, self.num_images]), row([self.start, self.strength, self.mask]),
+                          row([self.button, self.status]), self.message, self.progress_area, self.image])
+        self.button.on_click(lambda button: self.generate())
+        for control in (self.start, self.mask):
+            control.observe(lambda change: self._enable_edit_controls(), names="value")
+        self._enable_edit_controls()
+        self.generate()
+        if self.figure is not None:
+            keep_static_copy(self, self.figure, fallback)
+
+    def _controls(self, prompt, negative_prompt, num_steps, guidance_scale, seed, sampler, num_images, max_images):
+        """Make the widgets (see the class docstring)."""
+        style, wide = {"description_width": "110px"}, ipywidgets.Layout(width="640px")
+        self.prompt = ipywidgets.Text(value=prompt, description="prompt", style=style, layout=wide,
+                                      placeholder="e.g. a red 3 on the left and a blue 7 on the right")
+        self.negative_prompt = ipywidgets.Text(value=negative_prompt, description="negative prompt", style=style,
+                                               layout=wide, placeholder="what to steer away from (optional)")
+        self.steps = ipywidgets.IntSlider(value=num_steps, min=1, max=50, description="steps", style=style,
+                                          continuous_update=False)
+        self.guidance = ipywidgets.FloatSlider(value=guidance_scale, min=0.0, max=10.0, step=0.5, readout_format=".1f",
+                                               description="guidance scale", style=style, continuous_update=False)
+        samplers = [(SAMPLER_NAMES.get(name, name), name) for name in sampling.SAMPLERS]
+        self.sampler = ipywidgets.Dropdown(options=samplers, value=sampler, description="sampler", style=style)
+        self.seed = ipywidgets.BoundedIntText(value=seed, min=0, max=2**31 - 1, description="seed",
+                                              layout=ipywidgets.Layout(width="170px"))
+        self.num_images = ipywidgets.IntSlider(value=num_images, min=1, max=max_images, description="images",
+                                               continuous_update=False)
+        starts = [("none (text to image)", NO_START), ("the previous result", PREVIOUS)]
+        starts += [(f"test canvas {i}" + (f": {text}" if text else ""), i)
+                   for i, text in enumerate(self.start_captions)]
+        self.start = ipywidgets.Dropdown(options=starts, value=NO_START, description="start image", style=style)
+        self.strength = ipywidgets.FloatSlider(value=0.6, min=0.05, max=1.0, step=0.05, readout_format=".2f",
+                                               description="strength", continuous_update=False)
+        self.mask = ipywidgets.Dropdown(options=[("none", NO_MASK)] + [(name, name) for name in MASKS],
+                                        value=NO_MASK, description="mask", layout=ipywidgets.Layout(width="170px"))
+        self.button = ipywidgets.Button(description="Generate", button_style="primary", icon="paint-brush")
+        self.status, self.message, self.progress_area = ipywidgets.Label(), ipywidgets.HTML(), ipywidgets.Output()
+        self.image = ipywidgets.Image(format="png")
+
+    def _enable_edit_controls(self) -> None:
+        """Strength counts for image to image only; a mask needs a start image."""
+        self.mask.disabled = self.start.value == NO_START
+        self.strength.disabled = self.start.value == NO_START or self.mask.value != NO_MASK
+
+    def settings(self) -> StudioSettings:
+        """The controls' values now."""
+        return StudioSettings(self.prompt.value, self.negative_prompt.value, int(self.steps.value),
+                              float(self.guidance.value), int(self.seed.value), self.sampler.value,
+                              int(self.num_images.value), self.start.value, round(float(self.strength.value), 4),
+                              self.mask.value)
+
+    def generate(self) -> None:
+        """Make images with the current settings and show them (what the Generate button does).
+        A bad setting (an unknown word in a prompt, ...) is shown as a message instead."""
+        setting, began = self.settings(), time.perf_counter()
+        self.button.disabled, self.button.description, self.message.value = True, "Generating...", ""
+        images, problem = None, None
+        try:
+            with self.progress_area:        # the progress bar shows inside the panel
+                try:
+                    images = self.make(setting)
+                except (ValueError, FloatingPointError) as error:    # the library's clear errors
+                    problem = error
+        finally:
+            self.button.disabled, self.button.description = False, "Generate"
+        if images is None and problem is None:
+            return                          # a bug: in a notebook, the log shows its traceback
+        self.progress_area.clear_output()
+        if problem is not None:
+            self.message.value = _problem_html(problem)
+            self.status.value = "nothing new was made (see the message below)"
+            return
+        self.show(images, setting)
+        self.status.value = f'{len(images)} images for "{setting.prompt}" made in {time.perf_counter() - began:.1f} s'
+
+    def make(self, setting: StudioSettings) -> Tensor:
+        """(num_images, C, H, W) images in [-1, 1] (CPU) for one setting; ValueError for a bad one."""
+        model, pipeline = self.pipeline.model, self.pipeline
+        ids = prompt_ids(model, [setting.prompt], setting.num_images)
+        negative = model.tokenizer.encode([setting.negative_prompt]) if setting.negative_prompt.strip() else None
+        if setting.start == NO_START:
+            return generate(model, pipeline.schedule, num=setting.num_images, shape=pipeline.shape, cond=ids,
+                            guidance_scale=setting.guidance_scale, negative=negative, sampler=setting.sampler,
+                            sampling_steps=setting.steps, seed=setting.seed, decode=pipeline.decode,
+                            clip_x0=self._clip_x0, device=self._device, progress=self.progress).cpu()
+        return self._edit(setting, ids, negative)
+
+    @property
+    def _device(self) -> torch.device:
+        return next(self.pipeline.model.parameters()).device
+
+    @property
+    def _clip_x0(self) -> float | None:
+        return None if self.pipeline.decode is not None else 1.0     # latents have no fixed range
+
+    def start_image(self, start: str | int) -> Tensor:
+        """(1, C, H, W) the start image a `start` choice names (ValueError when there is none yet)."""
+        if start == PREVIOUS:
+            if self.images is None:
+                raise ValueError("There is no previous result yet: generate from the prompt first.")
+            return self.images[:1]
+        if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < len(self.start_images):
+            raise ValueError(f"start must be {NO_START!r}, {PREVIOUS!r} or a test canvas index, got {start!r}.")
+        return self.start_images[start:start + 1]
+
+    def _edit(self, setting: StudioSettings, ids: Tensor, negative: Tensor | None) -> Tensor:
+        """Image to image (no mask) or inpainting (a mask) of the start image, in the latent space."""
+        start = self.start_image(setting.start).to(self._device)
+        generator = torch.Generator(self._device).manual_seed(setting.seed)
+        options = dict(sampler=setting.sampler, sampling_steps=setting.steps, cond=ids.to(self._device),
+                       generator=generator, clip_x0=self._clip_x0)
+        negative = None if negative is None else negative.to(self._device)
+        model = guided(self.pipeline.model, setting.guidance_scale, negative)
+        with torch.no_grad():
+            x0 = self._encode(start).expand(setting.num_images, -1, -1, -1).contiguous()
+            if setting.mask == NO_MASK:
+                edited = img2img(model, x0, self.pipeline.schedule, strength=setting.strength, **options)
+            else:
+                mask = mask_of(setting.mask, x0.shape[-2:]).to(x0)
+                edited = inpaint(model, x0, mask, self.pipeline.schedule, **options)
+            return self._decode(edited).clamp(-1, 1).cpu()
+
+    def _encode(self, images: Tensor) -> Tensor:
+        return images if self.autoencoder is None else self.autoencoder.encode_latents(images)
+
+    def _decode(self, latents: Tensor) -> Tensor:
+        return latents if self.pipeline.decode is None else self.pipeline.decode(latents)
+
+    def show(self, images: Tensor, setting: StudioSettings) -> None:
+        """Show `images` (made with `setting`) with their prompt; they become the previous result."""
+        start = None if setting.start == NO_START else self.start_image(setting.start)
+        if start is not None and setting.mask != NO_MASK:      # the region to regenerate, darkened
+            start = start * (1 - 0.6 * mask_of(setting.mask, start.shape[-2:]))
+        self.figure = studio_figure(images, setting, describe_setting(setting), start)
+        self.image.value = figure_to_png(self.figure, dpi=120)
+        self.image.layout.width = f"{round(self.figure.get_figwidth() * 120)}px"    # not stretched to the panel
+        self.images, self.prompts, self.shown = images, [setting.prompt] * len(images), setting
+
+
+def describe_setting(setting: StudioSettings) -> str:
+    """One line: the negative prompt, sampler, steps, guidance, seed and the kind of edit."""
+    parts = [f'negative: "{setting.negative_prompt}"'] if setting.negative_prompt.strip() else []
+    steps = "every step" if setting.sampler == "ddpm" else f"{setting.steps} steps"
+    parts += [f"{SAMPLER_NAMES.get(setting.sampler, setting.sampler)}, {steps}", f"w = {setting.guidance_scale:g}",
+              f"seed {setting.seed}"]
+    start = "the previous result" if setting.start == PREVIOUS else f"test canvas {setting.start}"
+    if setting.start != NO_START and setting.mask == NO_MASK:
+        parts.append(f"image to image from {start}, strength {setting.strength:g}")
+    elif setting.start != NO_START:
+        parts.append(f"inpainting the {setting.mask} of {start}")
+    return " · ".join(parts)
+
+
+def studio_figure(images: Tensor, setting: StudioSettings, detail: str, start: Tensor | None = None) -> Figure:
+    """The images (four a row) under their prompt and `detail`; the start image on the left."""
+    ncol = min(4, len(images))
+    nrow, extra = math.ceil(len(images) / ncol), int(start is not None)
+    width = 1.75 * (ncol + extra) + 0.3
+    prompt = setting.prompt.strip() or "(the empty prompt: no condition)"
+    title = textwrap.wrap(f'"{prompt}"', int(12 * width)) + textwrap.wrap(detail, int(13 * width))
+    fig = Figure(figsize=(width, 0.95 * nrow + 0.3 + 0.17 * len(title)), layout="constrained")
+    grid = fig.add_gridspec(nrow, ncol + extra)
+    label = "start image" if setting.mask == NO_MASK else f"start ({setting.mask} masked)"
+    tiles = [(grid[0, 0], start, label)] if start is not None else []
+    tiles += [(grid[i // ncol, extra + i % ncol], images[i:i + 1], None) for i in range(len(images))]
+    for place, image, text in tiles:
+        ax = fig.add_subplot(place)
+        ax.imshow(viz.to_numpy_images(image)[0], cmap="gray", vmin=0, vmax=1)
+        ax.set_axis_off()
+        if text:
+            ax.set_title(text, fontsize=8, color="dimgray")
+    fig.suptitle("\n".join(title), fontsize=9)
+    return fig
+
+
+def mask_of(name: str, size: Sequence[int]) -> Tensor:
+    """A (1, 1, H, W) mask, 1 in the region to regenerate, for any H x W (editing.make_mask makes
+    square ones): a square mask of the longer side, resized (nearest) to H x W."""
+    height, width = int(size[0]), int(size[1])
+    square = make_mask(name, max(height, width))
+    return torch.nn.functional.interpolate(square, size=(height, width), mode="nearest")
+
+
+def _autoencoder_of(pipeline):
+    """The autoencoder of a latent pipeline (loaded from its config's "autoencoder"), else None."""
+    name = pipeline.info.get("autoencoder")
+    if name is None:
+        return None
+    return checkpoints.load_checkpoint(name, next(pipeline.model.parameters()).device).model
+
+
+def _canvases(canvases, images_shape: tuple) -> tuple[Tensor, list[str]]:
+    """Start images and their captions from a PromptedDigits (or anything with .images and
+    .captions), an (N, C, H, W) tensor of images in [-1, 1], or None (no test canvases)."""
+    if canvases is None:
+        return torch.zeros(0, *images_shape), []
+    images = canvases if isinstance(canvases, Tensor) else canvases.images
+    captions = [""] * len(images) if isinstance(canvases, Tensor) else list(canvases.captions)
+    if images.ndim != 4 or tuple(images.shape[1:]) != tuple(images_shape):
+        raise ValueError(f"The start images must have shape (N, {', '.join(map(str, images_shape))}) like the "
+                         f"pipeline's images, got {tuple(images.shape)}.")
+    captions = [text if len(text) <= 60 else text[:57] + "..." for text in captions]
+    return images.detach().float().cpu(), captions
+
+
+def _problem_html(error: Exception) -> str:
+    """A ValueError's message as a short red note for the panel."""
+    return (f'<div style="color: #b00020; max-width: 640px; white-space: normal">'
+            f"<b>Nothing generated:</b> {html.escape(str(error))}</div>")
+
+
+def studio(pipeline, canvases=None, *, prompt: str = "a red 3 on the left and a blue 7 on the right",
+           negative_prompt: str = "", num_steps: int = 20, guidance_scale: float = 3.0, seed: int = 0,
+           sampler: str = "dpm", num_images: int = 4, progress: bool = True, fallback: bool = True) -> Studio:
+    """A text-to-image studio: prompt, negative prompt, steps, guidance scale, seed, sampler, number
+    of images, and an optional start image with a strength (image to image) or a mask (inpainting).
+
+        pipeline = generate.load_pipeline("prompted-digits")
+        widgets.studio(pipeline, captions.build_prompted_digits(8, train=False))
+
+    Args:
+        pipeline: a generate.Pipeline whose model takes prompts (it has a tokenizer); for a latent
+            model, its config's "autoencoder" is loaded to encode start images.
+        canvases: start images to offer: a captions.PromptedDigits (shown with their captions), an
+            (N, C, H, W) tensor in [-1, 1], or None (only the previous result can be a start image).
+        prompt, negative_prompt, num_steps, guidance_scale, seed, sampler, num_images: the
+            starting setting; one set of images is made with it when the panel is created.
+        progress: show a progress bar in the panel while sampling from the prompt.
+        fallback: keep the first result's figure as the static copy (shown where widgets cannot run).
+    Returns:
+        A Studio (an ipywidgets.VBox); see its attributes.
+    """
+    return Studio(pipeline, canvases, prompt=prompt, negative_prompt=negative_prompt, num_steps=num_steps,
+                  guidance_scale=guidance_scale, seed=seed, sampler=sampler, num_images=num_images,
+                  progress=progress, fallback=fallback)

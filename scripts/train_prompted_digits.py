@@ -1,15 +1,17 @@
 """Train the three parts of the course's small Stable Diffusion on prompted digits, one stage at a
 time, each resumable (the same command continues an interrupted stage; a larger budget extends it):
 
-    python scripts/train_prompted_digits.py autoencoder --minutes 10   # pixels <-> latents (lesson 08)
+    python scripts/train_prompted_digits.py autoencoder --minutes 15   # pixels <-> latents (lesson 08)
+    python scripts/train_prompted_digits.py ship --stage autoencoder   # measures the latent scale factor
     python scripts/train_prompted_digits.py clip --minutes 10          # the text encoder (lesson 09)
-    python scripts/train_prompted_digits.py unet --minutes 60          # the latent U-Net with cross-attention
-    python scripts/train_prompted_digits.py ship                       # copy the three into the package
+    python scripts/train_prompted_digits.py ship --stage clip
+    python scripts/train_prompted_digits.py unet --minutes 90          # the latent U-Net with cross-attention
+    python scripts/train_prompted_digits.py ship --stage unet
 
-Runs live in runs/prompted-digits/{autoencoder,clip,unet}; `ship` writes the EMA weights of each
+Runs live in runs/prompted-digits/{autoencoder,clip,unet}; `ship` writes the EMA weights of a
 run's latest checkpoint to diffusion_course/pretrained/prompted-digits{-autoencoder,-clip,}.
-The U-Net stage needs the autoencoder and the text encoder: it encodes the canvases into latents
-once (the autoencoder's posterior means, times its measured scale factor) and copies the trained
+The U-Net stage uses the shipped autoencoder and text encoder: it encodes the canvases into
+latents once (the posterior means, times the autoencoder's measured scale factor) and copies the
 text encoder into the U-Net, frozen, as Stable Diffusion does with CLIP's.
 """
 
@@ -45,10 +47,11 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, help="default: the stage's own")
     parser.add_argument("--fresh", action="store_true", help="start the stage over instead of resuming")
+    parser.add_argument("--stage", dest="ship_stage", choices=sorted(SHIPPED), help="for ship: which stage")
     args = parser.parse_args(argv)
     use_best_threads()
     if args.stage == "ship":
-        return ship()
+        return ship(args.ship_stage)
     canvases = captions.build_prompted_digits(args.num, train=True, seed=0)
     stage = {"autoencoder": train_autoencoder, "clip": train_clip, "unet": train_unet}[args.stage]
     start = time.perf_counter()
@@ -79,11 +82,6 @@ def train_clip(canvases, args) -> runs.TrainResult:
                       out_dir=RUNS / "clip", resume=not args.fresh, info={"dataset": "prompted-digits"})
 
 
-def trained(stage: str) -> torch.nn.Module:
-    """The EMA weights of a stage's latest checkpoint."""
-    return checkpoints.load_checkpoint(RUNS / stage).model
-
-
 def latents_of(images: torch.Tensor, ae: torch.nn.Module, batch_size: int = 500) -> torch.Tensor:
     """The canvases as scaled latents (posterior means), batch by batch."""
     with torch.no_grad():
@@ -91,41 +89,43 @@ def latents_of(images: torch.Tensor, ae: torch.nn.Module, batch_size: int = 500)
 
 
 def train_unet(canvases, args) -> runs.TrainResult:
-    ae = with_measured_scale(trained("autoencoder"), canvases.images)
+    ae = checkpoints.load_checkpoint(f"pretrained:{SHIPPED['autoencoder']}").model
     latents = latents_of(canvases.images, ae)
-    clip = trained("clip")
+    clip = checkpoints.load_checkpoint(f"pretrained:{SHIPPED['clip']}").model
     torch.manual_seed(0)
     model = text.TextUNet.from_clip(text.TextUNetConfig(**UNET, text=clip.config.text), clip)
-    schedule = schedules.cosine_schedule()
+    # Stable Diffusion keeps its text encoder frozen. Ours is fine-tuned with the U-Net: contrastive
+    # training left it blind to which colour goes with which digit (the shipped mini CLIP prefers a
+    # test canvas's own caption to the colour-swapped one 51% of the time: chance), the
+    # "bag of words" failure of CLIP models (Yuksekgonul et al. 2023).
+    model.text_encoder.requires_grad_(True)
+    schedule = schedules.scaled_linear_schedule()   # Stable Diffusion's: alpha_bar_{T-1} ~ 0.0047, not ~0 (see its docstring)
     loss_fn = functools.partial(diffusion_loss, schedule=schedule, min_snr_gamma=5.0)
     info = {"dataset": "prompted-digits", "schedule": schedule.to_config(), "min_snr_gamma": 5.0,
             "autoencoder": f"pretrained:{SHIPPED['autoencoder']}", "latent_shape": list(latents.shape[1:]),
-            "scale_factor": ae.config.scale_factor}
+            "scale_factor": ae.config.scale_factor, "text_encoder": f"fine-tuned from pretrained:{SHIPPED['clip']}"}
     config = runs.TrainConfig(minutes=args.minutes, batch_size=args.batch_size, lr=args.lr or 2e-3,
                               label_dropout=0.1, checkpoint_minutes=2.0, keep_checkpoints=2)
     return runs.train(model, latents, loss_fn, labels=model.tokenizer.encode(canvases.captions), config=config,
                       out_dir=RUNS / "unet", resume=not args.fresh, info=info)
 
 
-def with_measured_scale(ae, images: torch.Tensor):
-    """The autoencoder with its latent scale factor measured on 5,000 training canvases."""
-    scale = autoencoder.measure_scale_factor(ae, images[:5000])
-    return autoencoder.with_scale_factor(ae, scale)
-
-
-def ship() -> int:
-    """Write each stage's EMA weights into the package (no optimizer state: a few MB in all)."""
-    scale = checkpoints.load_checkpoint(RUNS / "unet").info["scale_factor"]   # the one the U-Net was trained with
-    for stage, name in SHIPPED.items():
-        checkpoint = checkpoints.load_checkpoint(RUNS / stage)
-        model, info = checkpoint.model, {k: v for k, v in checkpoint.info.items() if k not in checkpoints.RESERVED_KEYS}
-        if stage == "autoencoder":
-            model = autoencoder.with_scale_factor(model, scale)
-        path = checkpoints.save_checkpoint(checkpoints.PRETRAINED_DIR / name, model, checkpoint.schedule,
-                                           step=checkpoint.info.get("step", 0), info=info)
-        size = sum(f.stat().st_size for f in path.iterdir()) / 2**20
-        print(f"shipped {stage} ({checkpoint.path}) as {name}: {size:.2f} MiB")
-    print(json.dumps({name: str(checkpoints.PRETRAINED_DIR / name) for name in SHIPPED.values()}, indent=1))
+def ship(stage: str | None) -> int:
+    """Write a stage's EMA weights into the package (no optimizer state). The autoencoder gets its
+    latent scale factor, measured on 5,000 training canvases (1 / the latents' std)."""
+    if stage is None:
+        raise SystemExit("ship needs --stage autoencoder, clip or unet")
+    checkpoint = checkpoints.load_checkpoint(RUNS / stage)
+    model, info = checkpoint.model, {k: v for k, v in checkpoint.info.items() if k not in checkpoints.RESERVED_KEYS}
+    if stage == "autoencoder":
+        images = captions.build_prompted_digits(5000, train=True, seed=0).images
+        model = autoencoder.with_scale_factor(model, autoencoder.measure_scale_factor(model, images))
+        print(f"latent scale factor: {model.config.scale_factor:.4f}")
+    path = checkpoints.save_checkpoint(checkpoints.PRETRAINED_DIR / SHIPPED[stage], model, checkpoint.schedule,
+                                       step=checkpoint.info.get("step", 0), info=info)
+    size = sum(f.stat().st_size for f in path.iterdir()) / 2**20
+    print(f"shipped {stage} ({checkpoint.path}) as {path}: {size:.2f} MiB")
+    print(json.dumps({k: info[k] for k in ("seconds", "train_config") if k in info}))
     return 0
 
 

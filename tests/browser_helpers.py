@@ -385,3 +385,71 @@ def differs(png_a: bytes, png_b: bytes) -> bool:
     """True when two PNGs show different pictures (size or pixels)."""
     a, b = pixels(png_a), pixels(png_b)
     return a.shape != b.shape or bool(np.abs(a - b).max() > 0)
+
+
+# --- The studio (lesson 09) ---------------------------------------------------------------------
+
+def make_tiny_text_pipeline(folder: Path) -> Path:
+    """Save a tiny, randomly initialised text-to-image latent pipeline like "prompted-digits" (a
+    TextUNet on 4 x 8 x 16 latents of an autoencoder for 3 x 32 x 64 canvases) into `folder`;
+    returns the U-Net checkpoint's folder, for generate.load_pipeline. (The unit tests use it too,
+    and the browser test's notebook imports it: nothing here depends on a trained model.)"""
+    import torch
+
+    from diffusion_course import autoencoder, captions, checkpoints, text
+    from diffusion_course.schedules import cosine_schedule
+
+    torch.manual_seed(0)
+    ae = autoencoder.Autoencoder(autoencoder.AutoencoderConfig(base_channels=8, channel_mults=(1, 2, 2)))
+    words = text.TextEncoderConfig(words=tuple(captions.VOCABULARY), max_length=16, dim=16, depth=1, heads=2)
+    unet = text.TextUNet(text.TextUNetConfig(base_channels=8, channel_mults=(1, 2), text=words, attention_heads=2))
+    with torch.no_grad():        # the output layers start at zero: give them weights, so the words matter
+        for module in unet.modules():
+            if isinstance(module, text.CrossAttention):
+                torch.nn.init.normal_(module.to_out.weight, std=0.2)
+        torch.nn.init.normal_(unet.conv_out.weight, std=0.2)
+    ae_path = checkpoints.save_checkpoint(Path(folder) / "autoencoder", ae)
+    return checkpoints.save_checkpoint(Path(folder) / "unet", unet, cosine_schedule(40),
+                                       info={"autoencoder": str(ae_path), "latent_shape": [4, 8, 16]})
+
+
+class StudioView:
+    """widgets.studio's panel on the page: found by its Generate button."""
+
+    def __init__(self, page):
+        self.page = page
+        button = page.locator("button.widget-button", has_text=re.compile(r"^\s*Generat"))
+        self.cell = page.locator(".jp-NotebookPanel .jp-CodeCell", has=button)
+        self.widget = self.cell.locator(".jp-OutputArea-output", has=button)
+        self.button = self.widget.locator(button)
+        self.prompt = self._text_box("prompt")
+        self.negative_prompt = self._text_box("negative prompt")
+        self.steps = self.widget.locator(".widget-slider", has=page.locator("label.widget-label",
+                                                                            has_text=re.compile(r"^\s*steps\s*$")))
+        self.start = self._dropdown("start image")
+        self.mask = self._dropdown("mask")
+        self.image = self.widget.locator("img.widget-image")
+        self.status = self.widget.locator(".widget-hbox", has=button).locator("div.widget-label")
+        self.message = self.widget.locator(".widget-html")
+        self.fallback = self.cell.locator(".jp-RenderedImage img")
+
+    def _text_box(self, description: str):
+        label = self.page.locator("label.widget-label", has_text=re.compile(rf"^\s*{re.escape(description)}\s*$"))
+        return self.widget.locator(".widget-text", has=label).locator("input")
+
+    def _dropdown(self, description: str):
+        label = self.page.locator("label.widget-label", has_text=re.compile(rf"^\s*{re.escape(description)}\s*$"))
+        return self.widget.locator(".widget-dropdown", has=label).locator("select")
+
+    def image_png(self) -> bytes:
+        return SliderView.image_png(self)
+
+    def generate(self, prompt: str, timeout: float = 120) -> str:
+        """Type `prompt`, press Generate, wait until the panel says it is done; the status text."""
+        old_status = self.status.inner_text()
+        self.prompt.fill(prompt)
+        self.prompt.press("Tab")                     # leave the box, as a learner would
+        self.button.click()
+        wait_until(lambda: self.status.inner_text() != old_status and self.button.is_enabled()
+                   and "Generate" == self.button.inner_text().strip(), timeout, message="the studio to finish")
+        return self.status.inner_text().strip()

@@ -222,3 +222,76 @@ def test_strength_slider_in_a_real_browser(page, lab, artifacts):
     with screenshot_on_failure(page, artifacts / "06-FAILED.png"):
         run_notebook(page, lab, "06_editing.ipynb", artifacts)
         explore_slider(page, "strength", "06_strength", artifacts, step=0.05)
+
+
+# --- Lesson 09: the studio ------------------------------------------------------------------------
+
+def write_studio_notebook(folder: Path) -> str:
+    """A two-cell notebook that shows widgets.studio with a tiny random pipeline (made by the
+    kernel with browser_helpers.make_tiny_text_pipeline), so the test depends on no trained model.
+    TODO(lead): once solutions/09_text_to_image.ipynb shows the studio, also drive it there:
+    run_notebook(page, lab, "09_text_to_image.ipynb", artifacts); explore_studio(page, ...)."""
+    tests, pipeline = Path(__file__).resolve().parent, folder / "tiny-prompted-digits"
+    cells = [f"import sys\nsys.path.insert(0, {str(tests)!r})\nimport torch\n"
+             "from browser_helpers import make_tiny_text_pipeline\nfrom diffusion_course import generate, widgets\n"
+             f"pipeline = generate.load_pipeline(make_tiny_text_pipeline({str(pipeline)!r}))\n"
+             "canvases = torch.rand(3, 3, 32, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1",
+             'widgets.studio(pipeline, canvases, prompt="a red 3 on the left", num_steps=4, num_images=2)']
+    notebook = {"cells": [{"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [],
+                           "source": source} for source in cells],
+                "metadata": {"kernelspec": {"display_name": "Python 3 (ipykernel)", "language": "python",
+                                            "name": "python3"}},
+                "nbformat": 4, "nbformat_minor": 5}
+    (folder / "studio_check.ipynb").write_text(json.dumps(notebook, indent=1))
+    return "studio_check.ipynb"
+
+
+def explore_studio(page, name: str, artifacts: Path) -> None:
+    """Check the studio's layout, type a prompt and press Generate (a new picture and a status that
+    names the prompt), then a prompt with an unknown word (a message in the panel, no traceback),
+    then edit a test canvas: image to image, and inpainting its left half."""
+    view = bh.StudioView(page)
+    assert view.button.count() == 1, f"expected one Generate button, found {view.button.count()}"
+    assert view.fallback.count() == 0, "a static figure is shown although the live panel renders"
+    output_top = view.cell.locator(".jp-OutputArea").first.bounding_box()["y"]
+    for what, locator, limit in (("prompt box", view.prompt, 60), ("steps slider", view.steps, 160)):
+        top = locator.bounding_box()["y"] - output_top
+        assert top < limit, f"the {what} sits {top:.0f} px below the top of its output (static copy above it?)"
+    view.widget.scroll_into_view_if_needed()
+    bh.wait_until(lambda: view.image.evaluate("img => img.complete && img.naturalWidth > 0"), 60,
+                  message="the first picture to show")
+    before = view.image_png()
+    view.widget.screenshot(path=str(artifacts / f"{name}-0-before.png"))
+
+    status = view.generate("a green 7 on the right")
+    assert status.startswith('2 images for "a green 7 on the right" made in'), f"the status says {status!r}"
+    bh.wait_until(lambda: bh.differs(before, view.image_png()), 60, message="the picture to change")
+    after = view.image_png()
+    view.widget.screenshot(path=str(artifacts / f"{name}-1-after-generate.png"))
+    print(f"  {name}: Generate -> {status!r}")
+
+    status = view.generate("a purple 7 on the right")
+    message = view.message.first.inner_text()
+    view.widget.screenshot(path=str(artifacts / f"{name}-2-after-a-bad-prompt.png"))
+    assert "Unknown word 'purple'" in message and status.startswith("nothing new"), (status, message)
+    assert not bh.differs(after, view.image_png()), "a bad prompt changed the picture"
+    assert bh.error_outputs(page) == [], "an error appeared while using the studio"
+    print(f"  {name}: a bad prompt -> {message[:80]!r}...")
+
+    canvas = view.start.locator("option", has_text="test canvas 1").inner_text()
+    view.start.select_option(label=canvas)                              # image to image, then inpainting
+    for mask, prompt in (("none", "a blue 4 on the left"), ("left", "a blue 4")):
+        view.mask.select_option(label=mask)
+        status = view.generate(prompt)
+        assert status.startswith(f'2 images for "{prompt}"'), f"mask {mask}: the status says {status!r}"
+        assert view.message.first.inner_text().strip() == "" and bh.error_outputs(page) == []
+        print(f"  {name}: from {canvas!r}, mask {mask} -> {status!r}")
+    view.widget.screenshot(path=str(artifacts / f"{name}-3-after-inpainting.png"))
+
+
+def test_studio_in_a_real_browser(page, lab, artifacts):
+    """Lesson 09's studio: type a prompt, press Generate, see the images (and a bad prompt's message)."""
+    notebook = write_studio_notebook(lab.notebook_dir)
+    with screenshot_on_failure(page, artifacts / "09-studio-FAILED.png"):
+        run_notebook(page, lab, notebook, artifacts)
+        explore_studio(page, "09_studio", artifacts)

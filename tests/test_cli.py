@@ -225,3 +225,73 @@ def test_edit_rejects_an_unreadable_image(run_dir, tmp_path, capsys):
     bad.write_text("not an image")
     assert cli.main(["edit", "--checkpoint", str(run_dir), "--image", str(bad), "--out", str(tmp_path / "x.npz")]) == 2
     assert "Could not read the image" in capsys.readouterr().err
+
+
+# --- Text to image -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def text_pipeline(tmp_path_factory):
+    """A tiny latent text-to-image pipeline with random weights (code paths only, not quality):
+    an autoencoder checkpoint and a TextUNet whose config.json names it, as the shipped one does."""
+    from diffusion_course import autoencoder, captions, text
+    folder = tmp_path_factory.mktemp("text")
+    torch.manual_seed(0)
+    ae = autoencoder.Autoencoder(autoencoder.AutoencoderConfig(base_channels=4, channel_mults=(1, 2, 2)))
+    checkpoints.save_checkpoint(folder / "ae", ae)
+    words = text.TextEncoderConfig(words=captions.VOCABULARY, dim=16, depth=1, heads=2)
+    model = text.TextUNet(text.TextUNetConfig(base_channels=8, text=words, attention_heads=2))
+    info = {"autoencoder": str(folder / "ae"), "latent_shape": [4, 8, 16]}
+    return checkpoints.save_checkpoint(folder / "unet", model, cosine_schedule(100), info=info)
+
+
+def test_sample_from_a_prompt_writes_colour_canvases_and_the_prompts(text_pipeline, tmp_path, capsys):
+    out = tmp_path / "p.npz"
+    argv = ["sample", "--checkpoint", str(text_pipeline), "--prompt", "a red 3 on the left", "--prompt",
+            "a blue seven", "--negative-prompt", "green", "--num", "3", "--steps", "2", "--out", str(out)]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    with np.load(out) as f:
+        assert f["images"].shape == (3, 32, 64, 3) and f["images"].dtype == np.uint8
+        assert f["prompts"].tolist() == ["a red 3 on the left", "a blue seven", "a red 3 on the left"]
+        assert f["labels"].tolist() == [-1, -1, -1]
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "give --prompt"),
+    (["--prompt", "a purple 3"], "purple"),
+    (["--prompt", "a red 3", "--labels", "3"], "not --labels"),
+])
+def test_prompt_errors(text_pipeline, tmp_path, capsys, args, message):
+    argv = ["sample", "--checkpoint", str(text_pipeline), "--num", "2", "--steps", "2",
+            "--out", str(tmp_path / "x.npz"), *args]
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x.npz").exists()
+
+
+def test_a_label_model_refuses_prompts(run_dir, tmp_path, capsys):
+    assert cli.main(sample_args(run_dir, tmp_path / "x.npz", "--prompt", "a red 3")) == 2
+    assert "not text-to-image" in capsys.readouterr().err
+
+
+def test_evaluate_scores_prompt_adherence_of_text_samples(data_root, tmp_path, capsys):
+    """Real canvases saved with their own captions as prompts score near the classifier's ceiling;
+    the same canvases with each other's prompts score far lower."""
+    from diffusion_course import captions, data
+    canvases = captions.build_prompted_digits(40, train=False, seed=3)
+    prompts = [captions.full_caption(scene) for scene in canvases.scenes]
+    data.save_samples(tmp_path / "own.npz", canvases.images, None, prompts=prompts)
+    data.save_samples(tmp_path / "shuffled.npz", canvases.images, None, prompts=prompts[1:] + prompts[:1])
+    shares = []
+    for name in ("own", "shuffled"):
+        assert cli.main(["evaluate", str(tmp_path / f"{name}.npz")]) == 0
+        shares.append(float(capsys.readouterr().out.split("everything named right ")[1].rstrip("%\n")))
+    assert shares[0] >= 80 and shares[1] <= 20, shares
+
+
+@pytest.mark.parametrize("command", ["sample", "edit"])
+@pytest.mark.parametrize("name", ["prompted-digits-autoencoder", "prompted-digits-clip"])
+def test_parts_that_make_no_images_are_refused_clearly(name, command, tmp_path, capsys):
+    argv = [command, "--checkpoint", name, "--num", "2", "--out", str(tmp_path / "x.npz")]
+    assert cli.main(argv + (["--test-digit", "0"] if command == "edit" else [])) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and ("not a diffusion model" in err or "edit takes" in err), err

@@ -183,3 +183,15 @@ def test_q_sample_rejects_noise_of_the_wrong_shape():
 def test_timestep_error_suggests_a_fix():
     with pytest.raises(ValueError, match="torch.full"):
         q_sample(torch.zeros(2, 1, 4, 4), torch.tensor([1, 2], dtype=torch.int32), linear_schedule())
+
+
+def test_scaled_linear_is_stable_diffusions_schedule():
+    """Lin et al. 2024 ("Common diffusion noise schedules and sample steps are flawed")
+    give Stable Diffusion's terminal signal scale sqrt(alpha_bar_{T-1}) = 0.068265 and its
+    terminal SNR 0.004682; the cosine schedule's last alpha_bar is about 1e-9 by comparison."""
+    from diffusion_course.schedules import scaled_linear_schedule, schedule_from_config, snr
+    schedule = scaled_linear_schedule()
+    assert schedule.alpha_bar[-1].sqrt().item() == pytest.approx(0.068265, abs=2e-6)
+    assert snr(schedule)[-1].item() == pytest.approx(0.004682, abs=2e-5)
+    assert schedule.alpha_bar[-1] > 1e6 * cosine_schedule().alpha_bar[-1]
+    assert torch.equal(schedule_from_config(schedule.to_config()).beta, schedule.beta)
