@@ -442,10 +442,32 @@ class TextContext(NamedTuple):
 
 
 class ContextCrossAttention(CrossAttention):
-    """CrossAttention called the U-Net's way, layer(h, context), with a TextContext."""
+    """CrossAttention called the U-Net's way, layer(h, context), with a TextContext, and with
+    queries that know where their pixel is: a learned projection of `position_features` is added
+    to x before the attention reads it (and taken away after). Convolutions know a pixel's place
+    only from the zero padding at the borders: without this, the course's U-Net drew the two named
+    colours of a prompt on swapped sides about half the time (README, "A small Stable Diffusion")."""
+
+    def __init__(self, channels: int, context_dim: int, heads: int = 4):
+        super().__init__(channels, context_dim, heads)
+        self.position = nn.Conv2d(POSITION_FEATURES, channels, 1)
 
     def forward(self, x: Tensor, context: TextContext) -> Tensor:
-        return super().forward(x, context.tokens, context.mask)
+        where = self.position(position_features(x))                        # (1, C, H, W)
+        return super().forward(x + where, context.tokens, context.mask) - where
+
+
+POSITION_FEATURES = 10
+
+
+def position_features(x: Tensor) -> Tensor:
+    """(1, 10, H, W): each pixel's column u and row v, both scaled to [-1, 1] (u < 0 is the left
+    half), and sin/cos of pi * u, pi * v, 2 pi * u and 2 pi * v."""
+    h, w = x.shape[-2:]
+    v, u = torch.meshgrid(torch.linspace(-1, 1, h, device=x.device), torch.linspace(-1, 1, w, device=x.device),
+                          indexing="ij")
+    waves = [f(k * math.pi * c) for k in (1, 2) for c in (u, v) for f in (torch.sin, torch.cos)]
+    return torch.stack([u, v, *waves]).to(x.dtype)[None]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -48,10 +48,12 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float, help="default: the stage's own")
     parser.add_argument("--fresh", action="store_true", help="start the stage over instead of resuming")
     parser.add_argument("--stage", dest="ship_stage", choices=sorted(SHIPPED), help="for ship: which stage")
+    parser.add_argument("--run", help="the run folder's name under runs/prompted-digits (default: the stage's name)")
+    parser.add_argument("--attention-levels", default="1", help="unet: the levels with cross-attention, e.g. 0,1")
     args = parser.parse_args(argv)
     use_best_threads()
     if args.stage == "ship":
-        return ship(args.ship_stage)
+        return ship(args.ship_stage, args.run or args.ship_stage)
     canvases = captions.build_prompted_digits(args.num, train=True, seed=0)
     stage = {"autoencoder": train_autoencoder, "clip": train_clip, "unet": train_unet}[args.stage]
     start = time.perf_counter()
@@ -93,7 +95,9 @@ def train_unet(canvases, args) -> runs.TrainResult:
     latents = latents_of(canvases.images, ae)
     clip = checkpoints.load_checkpoint(f"pretrained:{SHIPPED['clip']}").model
     torch.manual_seed(0)
-    model = text.TextUNet.from_clip(text.TextUNetConfig(**UNET, text=clip.config.text), clip)
+    levels = tuple(int(level) for level in args.attention_levels.split(","))
+    config = text.TextUNetConfig(**{**UNET, "attention_levels": levels}, text=clip.config.text)
+    model = text.TextUNet.from_clip(config, clip)
     # Stable Diffusion keeps its text encoder frozen. Ours is fine-tuned with the U-Net: contrastive
     # training left it blind to which colour goes with which digit (the shipped mini CLIP prefers a
     # test canvas's own caption to the colour-swapped one 51% of the time: chance), the
@@ -107,15 +111,15 @@ def train_unet(canvases, args) -> runs.TrainResult:
     config = runs.TrainConfig(minutes=args.minutes, batch_size=args.batch_size, lr=args.lr or 2e-3,
                               label_dropout=0.1, checkpoint_minutes=2.0, keep_checkpoints=2)
     return runs.train(model, latents, loss_fn, labels=model.tokenizer.encode(canvases.captions), config=config,
-                      out_dir=RUNS / "unet", resume=not args.fresh, info=info)
+                      out_dir=RUNS / (args.run or "unet"), resume=not args.fresh, info=info)
 
 
-def ship(stage: str | None) -> int:
+def ship(stage: str | None, run: str | None) -> int:
     """Write a stage's EMA weights into the package (no optimizer state). The autoencoder gets its
     latent scale factor, measured on 5,000 training canvases (1 / the latents' std)."""
     if stage is None:
         raise SystemExit("ship needs --stage autoencoder, clip or unet")
-    checkpoint = checkpoints.load_checkpoint(RUNS / stage)
+    checkpoint = checkpoints.load_checkpoint(RUNS / run)
     model, info = checkpoint.model, {k: v for k, v in checkpoint.info.items() if k not in checkpoints.RESERVED_KEYS}
     if stage == "autoencoder":
         images = captions.build_prompted_digits(5000, train=True, seed=0).images

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import torch
 
-from benchmarks import common, notebooks, recipes, sample_speed, samplers, time_to_quality, train_speed
+from benchmarks import common, notebooks, prompted_digits, recipes, sample_speed, samplers, time_to_quality, train_speed
+from diffusion_course import autoencoder, captions, checkpoints, schedules, text
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -168,3 +170,63 @@ def test_sample_speed_quick(tmp_path, capsys):
     assert all(v > 0 for v in record["seconds_per_100_digits_per_call"].values())
     assert record["cli_seconds"] > 0 and record["seconds_100_digits_dpm_2"] > 0
     assert record["cli_command"].startswith("diffusion-course sample --checkpoint mnist --num 200")
+
+
+def tiny_text_to_image(folder: Path) -> Path:
+    """A randomly initialised latent text-to-image pipeline (tiny autoencoder + tiny TextUNet), saved
+    the way scripts/train_prompted_digits.py saves the real one: code paths only, no quality."""
+    torch.manual_seed(0)
+    ae = checkpoints.save_checkpoint(folder / "autoencoder", autoencoder.Autoencoder(
+        autoencoder.AutoencoderConfig(base_channels=8)))
+    words = text.TextEncoderConfig(words=tuple(captions.VOCABULARY), dim=16, depth=1, heads=2)
+    model = text.TextUNet(text.TextUNetConfig(base_channels=8, channel_mults=(1, 2), text=words, attention_heads=2))
+    schedule = schedules.cosine_schedule()
+    return checkpoints.save_checkpoint(folder / "unet", model, schedule, info={
+        "autoencoder": str(ae), "latent_shape": [4, 8, 16], "schedule": schedule.to_config()})
+
+
+def test_prompted_digits_quick(tmp_path, capsys, data_root):
+    """With the shipped prompted-digits model when the package has it, else a tiny random pipeline."""
+    argv = ["--quick", "--out-dir", str(tmp_path), "--num", "8"]
+    if "prompted-digits" not in checkpoints.shipped_models():
+        argv += ["--checkpoint", str(tiny_text_to_image(tmp_path / "model"))]
+    assert prompted_digits.main(argv) == 0
+    lines = table_lines(capsys.readouterr().out)
+    assert lines[0].split()[:2] == ["measure", "share"] and len(lines) == 7
+    record = read_results(tmp_path, "prompted_digits")
+    for key in ("adherence_full", "adherence_partial", "real_ceiling"):
+        entry = record[key]
+        assert entry["num"] == 8 and all(0 <= entry[k] <= 1 for k in ("digits", "colours", "all"))
+        low, high = entry["interval_all"]
+        assert 0 <= low <= entry["all"] <= high <= 1
+    negative = record["negative_prompt"]
+    assert negative["num"] == 8 and {"red_share_without", "red_share_with"} <= set(negative)
+    for side in ("without", "with", "real"):
+        low, high = negative[f"interval_{side}"]
+        assert 0 <= low <= negative[f"red_share_{side}"] <= high <= 1
+    speed = record["speed"]
+    for key in ("latent_train", "pixel_train", "latent_sample", "pixel_sample"):
+        assert speed[f"{key}_images_per_s"] > 0
+    assert speed["train_ratio"] > 0 and speed["sample_ratio"] > 0 and speed["pixel_shape"] == [3, 32, 64]
+    assert record["guidance"] == 3.0 and record["sampler"] == "dpm" and record["steps"] == 5
+    assert record["clip_x0"] is None and isinstance(speed["text_encoder_trained"], bool)
+    assert {"cpu", "torch_threads"} <= set(record["machine"])
+
+
+def test_prompted_digits_prompts_name_what_they_should():
+    scenes = captions.random_scenes(50, torch.Generator().manual_seed(0))
+    for prompt in map(prompted_digits.colourless_prompt, scenes):
+        spec = captions.parse_prompt(prompt)
+        assert spec.left.colour is None and spec.right.colour is None
+        assert spec.left.digit is not None and spec.right.digit is not None
+    for prompt in prompted_digits.partial_prompts(scenes, seed=0):
+        spec = captions.parse_prompt(prompt)
+        assert (spec.left.digit is None) != (spec.right.digit is None)      # one digit named
+
+
+def test_prompted_digits_intervals():
+    assert prompted_digits.wilson_interval(0, 20)[0] == 0 and prompted_digits.wilson_interval(20, 20)[1] == 1
+    low, high = prompted_digits.wilson_interval(90, 100)
+    assert low < 0.9 < high and abs(low - 0.8256) < 1e-3 and abs(high - 0.9448) < 1e-3   # the tabulated Wilson interval
+    low, high = prompted_digits.bootstrap_interval(torch.tensor([0, 1, 2, 1] * 50), 2)
+    assert low < 0.5 < high
