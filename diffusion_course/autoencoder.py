@@ -27,20 +27,20 @@ patch discriminator (sharper details), and attention in the middle of the encode
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .unet import group_norm
+from .unet import ConfigDict, group_norm
 
 LOGVAR_RANGE = (-30.0, 20.0)   # the encoder's log-variance is clamped here (as Stable Diffusion does)
 
 
 @dataclass(frozen=True)
-class AutoencoderConfig:
+class AutoencoderConfig(ConfigDict):
     in_channels: int = 3                 # image channels (3: RGB canvases)
     latent_channels: int = 4             # channels of the latent (Stable Diffusion: 4)
     base_channels: int = 32              # channels at full resolution
@@ -67,21 +67,6 @@ class AutoencoderConfig:
         """How many times smaller the latent is per side: 2 ** (len(channel_mults) - 1)."""
         return 2 ** (len(self.channel_mults) - 1)
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["channel_mults"] = list(self.channel_mults)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "AutoencoderConfig":
-        known = set(cls.__dataclass_fields__)
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"Unknown AutoencoderConfig fields {sorted(unknown)}; expected some of {sorted(known)}.")
-        d = dict(d)
-        if "channel_mults" in d:
-            d["channel_mults"] = tuple(d["channel_mults"])
-        return cls(**d)
 
 
 def _is_number(value) -> bool:

@@ -27,8 +27,24 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+class ConfigDict:
+    """to_dict / from_dict for a frozen config dataclass, as checkpoints store it in config.json:
+    tuples become JSON lists and back; unknown keys are refused with a clear error."""
+
+    def to_dict(self) -> dict:
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"Unknown {cls.__name__} fields {sorted(unknown)}; expected some of {sorted(known)}.")
+        return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in d.items()})
+
+
 @dataclass(frozen=True)
-class UNetConfig:
+class UNetConfig(ConfigDict):
     in_channels: int = 1                 # 1 for MNIST, 3 for CIFAR-10
     image_size: int = 28                 # 28 (MNIST) or 32 (CIFAR-10); must divide by 2**(levels-1)
     base_channels: int = 16              # channels at full resolution
@@ -48,21 +64,6 @@ class UNetConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout!r}.")
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["channel_mults"] = list(self.channel_mults)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "UNetConfig":
-        known = set(cls.__dataclass_fields__)
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"Unknown UNetConfig fields {sorted(unknown)}; expected some of {sorted(known)}.")
-        d = dict(d)
-        if "channel_mults" in d:
-            d["channel_mults"] = tuple(d["channel_mults"])
-        return cls(**d)
 
 
 def _check_whole(name: str, value, low: int, note: str = "") -> None:

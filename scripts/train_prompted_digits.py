@@ -50,6 +50,8 @@ def main(argv=None) -> int:
     parser.add_argument("--stage", dest="ship_stage", choices=sorted(SHIPPED), help="for ship: which stage")
     parser.add_argument("--run", help="the run folder's name under runs/prompted-digits (default: the stage's name)")
     parser.add_argument("--attention-levels", default="1", help="unet: the levels with cross-attention, e.g. 0,1")
+    parser.add_argument("--text-init", choices=["clip", "scratch"], default="clip",
+                        help="unet: start the text encoder from the mini CLIP's, or from random weights (as GLIDE)")
     args = parser.parse_args(argv)
     use_best_threads()
     if args.stage == "ship":
@@ -97,7 +99,7 @@ def train_unet(canvases, args) -> runs.TrainResult:
     torch.manual_seed(0)
     levels = tuple(int(level) for level in args.attention_levels.split(","))
     config = text.TextUNetConfig(**{**UNET, "attention_levels": levels}, text=clip.config.text)
-    model = text.TextUNet.from_clip(config, clip)
+    model = text.TextUNet.from_clip(config, clip) if args.text_init == "clip" else text.TextUNet(config)
     # Stable Diffusion keeps its text encoder frozen. Ours is fine-tuned with the U-Net: contrastive
     # training left it blind to which colour goes with which digit (the shipped mini CLIP prefers a
     # test canvas's own caption to the colour-swapped one 51% of the time: chance), the
@@ -107,7 +109,8 @@ def train_unet(canvases, args) -> runs.TrainResult:
     loss_fn = functools.partial(diffusion_loss, schedule=schedule, min_snr_gamma=5.0)
     info = {"dataset": "prompted-digits", "schedule": schedule.to_config(), "min_snr_gamma": 5.0,
             "autoencoder": f"pretrained:{SHIPPED['autoencoder']}", "latent_shape": list(latents.shape[1:]),
-            "scale_factor": ae.config.scale_factor, "text_encoder": f"fine-tuned from pretrained:{SHIPPED['clip']}"}
+            "scale_factor": ae.config.scale_factor, "text_encoder": f"fine-tuned from pretrained:{SHIPPED['clip']}" if args.text_init == "clip"
+            else "trained with the U-Net from random weights"}
     config = runs.TrainConfig(minutes=args.minutes, batch_size=args.batch_size, lr=args.lr or 2e-3,
                               label_dropout=0.1, checkpoint_minutes=2.0, keep_checkpoints=2)
     return runs.train(model, latents, loss_fn, labels=model.tokenizer.encode(canvases.captions), config=config,
