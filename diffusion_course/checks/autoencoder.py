@@ -20,7 +20,7 @@ HINTS = {
     "kl_divergence": (
         "Each latent element has its own Gaussian N(mean, variance) and is compared with a standard normal. "
         "What is the variance, given its logarithm? The KL of independent elements is the sum of theirs; "
-        "the function returns one number per image.",
+        "the function gives one number per image.",
         "Eq. 3 of lesson 08: KL = 1/2 (mean^2 + variance - 1 - log variance) per element, with "
         "variance = exp(logvar) (logvar is the log of the variance, not of the standard deviation). "
         "Sum over every element of an image (channels, height, width), not the mean.",
