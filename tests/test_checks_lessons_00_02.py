@@ -206,11 +206,12 @@ def test_welcome_table_names_each_lessons_module_and_exercises():
         "01": ("schedules", "q_sample", "cosine_alpha_bar"), "02": ("unet", "timestep_embedding", "res_block_forward"),
         "03": ("training", "diffusion_loss", "train_step"), "04": ("sampling", "ddpm_step", "ddim_step"),
         "05": ("guidance", "drop_labels", "guided_eps"), "06": ("editing", "img2img_start", "inpaint_step"),
-        "10": ("flow", "flow_matching_loss"),
+        "08": ("autoencoder", "sample_posterior", "kl_divergence", "measure_scale_factor"),
+        "09": ("text", "clip_loss", "attention_maps"), "10": ("flow", "flow_matching_loss"),
     }
     for number, names in expected.items():
         row = next(line for title, line in rows.items() if title.startswith(f"**{number}"))
         assert all(f"`{name}`" in row for name in names), row
-        assert set(re.findall(r"`(\w+)`", row)) <= set(names) | {"runs", "generate", "metrics"}, row
+        assert set(re.findall(r"`(\w+)`", row)) <= set(names) | {"runs", "generate", "metrics", "captions"}, row
     derivations = {name for lesson in checks.LESSONS for name in getattr(lesson, "DERIVATION_HINTS", {})}
     assert sorted(name for names in expected.values() for name in names[1:]) == sorted(set(checks.HINTS) - derivations)
