@@ -100,10 +100,15 @@ class Pipeline(NamedTuple):
     model: nn.Module                          # the denoiser: model(x_t, t, cond) -> eps
     schedule: NoiseSchedule                   # the noise schedule it was trained with
     shape: tuple[int, int, int]               # (C, H, W) of what it denoises: pixels, or latents
-    decode: Callable[[Tensor], Tensor] | None  # latents -> images in [-1, 1] (latent models), else None
+    autoencoder: nn.Module | None             # a latent model's autoencoder (lesson 08), else None
     images_shape: tuple[int, int, int]        # (C, H, W) of the images it makes (after decode)
     info: dict                                # the checkpoint's config.json
     path: Path                                # the checkpoint folder
+
+    @property
+    def decode(self) -> Callable[[Tensor], Tensor] | None:
+        """latents -> images in [-1, 1] (the autoencoder's decoder), or None for a pixel model."""
+        return None if self.autoencoder is None else self.autoencoder.decode_latents
 
 
 def load_pipeline(name: str | Path, device: str | torch.device = "cpu") -> Pipeline:
@@ -123,7 +128,7 @@ def load_pipeline(name: str | Path, device: str | torch.device = "cpu") -> Pipel
     shape = tuple(info["latent_shape"])
     with torch.no_grad():    # the decoded images' shape, from one latent
         images_shape = tuple(autoencoder.decode_latents(torch.zeros(1, *shape, device=device)).shape[1:])
-    return Pipeline(model, checkpoint.schedule, shape, autoencoder.decode_latents, images_shape, info, checkpoint.path)
+    return Pipeline(model, checkpoint.schedule, shape, autoencoder, images_shape, info, checkpoint.path)
 
 
 def prompt_ids(model, prompts: list[str], num: int) -> Tensor:

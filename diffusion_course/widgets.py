@@ -32,7 +32,7 @@ from PIL import Image as PILImage
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import checkpoints, sampling, viz
+from . import sampling, viz
 from .editing import MASKS, check_images, img2img, inpaint, make_mask
 from .generate import generate, image_shape, prompt_ids
 from .guidance import guided
@@ -654,7 +654,7 @@ class Studio(StaticCopy, ipywidgets.VBox):
             raise ValueError("The studio needs a text-to-image pipeline (a model with a tokenizer), "
                              "e.g. generate.load_pipeline('prompted-digits').")
         self.pipeline, self.progress = pipeline, progress
-        self.autoencoder = _autoencoder_of(pipeline)
+        self.autoencoder = pipeline.autoencoder
         self.start_images, self.start_captions = _canvases(canvases, pipeline.images_shape)
         self.images, self.prompts, self.shown, self.figure = None, [], None, None
         self._controls(prompt, negative_prompt, num_steps, guidance_scale, seed, sampler, num_images, max_images)
@@ -843,14 +843,6 @@ def mask_of(name: str, size: Sequence[int]) -> Tensor:
     return torch.nn.functional.interpolate(square, size=(height, width), mode="nearest")
 
 
-def _autoencoder_of(pipeline):
-    """The autoencoder of a latent pipeline (loaded from its config's "autoencoder"), else None."""
-    name = pipeline.info.get("autoencoder")
-    if name is None:
-        return None
-    return checkpoints.load_checkpoint(name, next(pipeline.model.parameters()).device).model
-
-
 def _canvases(canvases, images_shape: tuple) -> tuple[Tensor, list[str]]:
     """Start images and their captions from a PromptedDigits (or anything with .images and
     .captions), an (N, C, H, W) tensor of images in [-1, 1], or None (no test canvases)."""
@@ -882,7 +874,7 @@ def studio(pipeline, canvases=None, *, prompt: str = "a red 3 on the left and a 
 
     Args:
         pipeline: a generate.Pipeline whose model takes prompts (it has a tokenizer); for a latent
-            model, its config's "autoencoder" is loaded to encode start images.
+            model, its autoencoder encodes start images.
         canvases: start images to offer: a captions.PromptedDigits (shown with their captions), an
             (N, C, H, W) tensor in [-1, 1], or None (only the previous result can be a start image).
         prompt, negative_prompt, num_steps, guidance_scale, seed, sampler, num_images: the

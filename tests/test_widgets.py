@@ -6,7 +6,7 @@ import base64
 import pytest
 import torch
 
-from diffusion_course import editing, widgets
+from diffusion_course import checkpoints, editing, widgets
 from diffusion_course.schedules import cosine_schedule
 
 
@@ -182,7 +182,7 @@ def test_studio_edits_start_images_in_the_latent_space(tiny_text_pipeline, canva
     studio.strength.value = 0.5
     studio.button.click()
     assert studio.images.shape == (2, 3, 32, 64) and "strength 0.5" in studio.figure.get_suptitle()
-    ae = widgets.checkpoints.load_checkpoint(pipe.info["autoencoder"]).model
+    ae = checkpoints.load_checkpoint(pipe.info["autoencoder"]).model
     latents = ae.encode_latents(canvases[2:3]).expand(2, -1, -1, -1).contiguous()
     model = guidance.guided(pipe.model, 2.0)
     options = dict(sampler="dpm", sampling_steps=3, cond=widgets.prompt_ids(pipe.model, ["a red 3"], 2), clip_x0=None)
