@@ -235,6 +235,54 @@ def _choice(num: int, generator: torch.Generator | None) -> int:
     return int(torch.randint(num, (), generator=generator))
 
 
+def binding_negatives(prompt: str) -> list[str]:
+    """Three almost-true variants of a caption for contrastive training (NegCLIP's hard negatives,
+    Yuksekgonul et al. 2023): its two colour words swapped, its two numbers swapped, and "left" and
+    "right" swapped. Articles are fixed ("an 8", "a 3") and punctuation kept, so only the binding
+    tells a variant from the caption. A variant that cannot be made (one colour said, two equal
+    numbers, no side word) or that means what the caption means (parse_prompt: two equal digits
+    swapped sides) is the caption itself, lowercased."""
+    pieces = re.split(r"([\s,:;.]+)", prompt.lower())   # words at even positions, separators between
+    words = pieces[::2]
+    colours = [i for i, word in enumerate(words) if word in PALETTE]
+    numbers = [i for i, word in enumerate(words) if _number(word) is not None       # not the "two" of "two digits"
+               and (i + 1 == len(words) or words[i + 1] != "digits")]
+    variants = []
+    for positions, key in ((colours, lambda word: word), (numbers, _number)):
+        swapped = list(words)
+        if len(positions) == 2 and key(words[positions[0]]) != key(words[positions[1]]):
+            a, b = positions
+            swapped[a], swapped[b] = words[b], words[a]
+        variants.append(swapped)
+    variants.append([{"left": "right", "right": "left"}.get(word, word) for word in words])
+    texts = ["".join(piece for pair in zip(_fix_articles(variant), pieces[1::2] + [""]) for piece in pair)
+             for variant in variants]
+    meaning = _meaning(prompt)
+    return [prompt.lower() if meaning is not None and _meaning(text) == meaning else text for text in texts]
+
+
+def _meaning(prompt: str) -> PromptSpec | None:
+    try:
+        return parse_prompt(prompt)
+    except ValueError:
+        return None
+
+
+def _number(word: str) -> int | None:
+    return int(word) if word.isdigit() and len(word) == 1 else (NUMBER_WORDS.index(word) if word in NUMBER_WORDS else None)
+
+
+def _fix_articles(words: list[str]) -> list[str]:
+    """"an" before 8 and eight, "a" before anything else (the words as split, separators left out)."""
+    following = [word for word in words[1:] if word] + [""]
+    result, k = [], 0
+    for word in words:
+        if word:
+            k += 1
+        result.append(("an" if following[k - 1] in ("8", "eight") else "a") if word in ("a", "an") else word)
+    return result
+
+
 # ----------------------------------------------------------------------------------------------
 # The dataset
 

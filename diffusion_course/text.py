@@ -341,7 +341,8 @@ class MiniCLIP(nn.Module):
             raise ValueError(f"images must be {dtype} like the model's weights (in [-1, 1]), got {images.dtype}.")
 
 
-def clip_loss(model: MiniCLIP, x0: Tensor, *, cond: Tensor, generator: torch.Generator | None = None) -> Tensor:
+def clip_loss(model: MiniCLIP, x0: Tensor, *, cond: Tensor, negatives: Tensor | None = None,
+              generator: torch.Generator | None = None) -> Tensor:
     """CLIP's symmetric contrastive loss (Radford et al. 2021, Fig. 3): in a batch of B pairs, the
     cross-entropy of picking each image's caption among the B captions, and each caption's image
     among the B images, averaged. A random model scores about log(B).
@@ -350,15 +351,33 @@ def clip_loss(model: MiniCLIP, x0: Tensor, *, cond: Tensor, generator: torch.Gen
         x0: (B, C, H, W) images in [-1, 1].
         cond: (B, max_length) int64 token ids of their captions (identical captions in a batch
             are allowed; they count as wrong answers for each other).
+        negatives: optional (B, K, max_length) ids of hard negatives: K captions per image that
+            are almost its own but false (NegCLIP, Yuksekgonul et al. 2023: e.g. its two colours
+            swapped). They join that image's candidates in the image -> caption direction; a
+            negative equal to the image's own caption is ignored (no swap was possible).
         generator: unused (the loss draws nothing); there for runs.train's loss contract.
     Returns:
         Scalar tensor.
     """
     if cond is None:
         raise ValueError("clip_loss needs the captions' token ids: cond=tokenizer.encode(captions).")
-    logits = model(x0, cond)                                    # (B images, B captions)
-    target = torch.arange(logits.shape[0], device=logits.device)
-    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+    if negatives is None:
+        logits = model(x0, cond)                                # (B images, B captions)
+        target = torch.arange(logits.shape[0], device=logits.device)
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+    if not isinstance(negatives, Tensor) or negatives.ndim != 3 or negatives.shape[0] != cond.shape[0] \
+            or negatives.shape[2] != cond.shape[1]:
+        got = tuple(negatives.shape) if isinstance(negatives, Tensor) else repr(negatives)
+        raise ValueError(f"negatives must be (B, K, {cond.shape[1]}) token ids (K hard negatives per caption), got {got}.")
+    batch, k, length = negatives.shape
+    image_emb, text_emb = model.encode_image(x0), model.encode_text(cond)
+    negative_emb = model.encode_text(negatives.reshape(batch * k, length)).view(batch, k, -1)
+    scale = model.logit_scale.clamp(max=math.log(100)).exp()
+    logits = scale * image_emb @ text_emb.T
+    negative_logits = scale * (image_emb[:, None] * negative_emb).sum(-1)            # (B, K)
+    negative_logits = negative_logits.masked_fill((negatives == cond[:, None]).all(-1), float("-inf"))
+    target = torch.arange(batch, device=logits.device)
+    return (F.cross_entropy(torch.cat([logits, negative_logits], 1), target) + F.cross_entropy(logits.T, target)) / 2
 
 
 @torch.no_grad()

@@ -50,6 +50,13 @@ def main(argv=None) -> int:
     parser.add_argument("--stage", dest="ship_stage", choices=sorted(SHIPPED), help="for ship: which stage")
     parser.add_argument("--run", help="the run folder's name under runs/prompted-digits (default: the stage's name)")
     parser.add_argument("--attention-levels", default="1", help="unet: the levels with cross-attention, e.g. 0,1")
+    parser.add_argument("--hard-negatives", action="store_true",
+                        help="clip: also contrast each image with its caption's colour-, number- and side-swapped "
+                             "variants (NegCLIP), so the text encoder must say which colour goes with which digit")
+    parser.add_argument("--clip", default=f"pretrained:{SHIPPED['clip']}",
+                        help="unet: the mini CLIP whose text encoder the U-Net starts from (a checkpoint or run folder)")
+    parser.add_argument("--freeze-text", action="store_true",
+                        help="unet: keep the text encoder frozen, as Stable Diffusion does (default: fine-tune it)")
     parser.add_argument("--text-init", choices=["clip", "scratch"], default="clip",
                         help="unet: start the text encoder from the mini CLIP's, or from random weights (as GLIDE)")
     args = parser.parse_args(argv)
@@ -82,8 +89,17 @@ def train_clip(canvases, args) -> runs.TrainResult:
     text_config = text.TextEncoderConfig(words=tuple(captions.VOCABULARY), **TEXT)
     model = text.MiniCLIP(text.CLIPConfig(text=text_config.to_dict()))
     ids = model.tokenizer.encode(canvases.captions)
-    return runs.train(model, canvases.images, text.clip_loss, labels=ids, config=_config(args, 1e-3),
-                      out_dir=RUNS / "clip", resume=not args.fresh, info={"dataset": "prompted-digits"})
+    loss_fn = negclip_loss if args.hard_negatives else text.clip_loss
+    return runs.train(model, canvases.images, loss_fn, labels=ids, config=_config(args, 1e-3),
+                      out_dir=RUNS / (args.run or "clip"), resume=not args.fresh,
+                      info={"dataset": "prompted-digits", "hard_negatives": args.hard_negatives})
+
+
+def negclip_loss(model: text.MiniCLIP, x0: torch.Tensor, *, cond: torch.Tensor, generator=None) -> torch.Tensor:
+    """clip_loss with each caption's three binding negatives (captions.binding_negatives)."""
+    variants = [v for prompt in model.tokenizer.decode(cond) for v in captions.binding_negatives(prompt)]
+    negatives = model.tokenizer.encode(variants).to(cond.device).view(cond.shape[0], -1, cond.shape[1])
+    return text.clip_loss(model, x0, cond=cond, negatives=negatives)
 
 
 def latents_of(images: torch.Tensor, ae: torch.nn.Module, batch_size: int = 500) -> torch.Tensor:
@@ -95,7 +111,7 @@ def latents_of(images: torch.Tensor, ae: torch.nn.Module, batch_size: int = 500)
 def train_unet(canvases, args) -> runs.TrainResult:
     ae = checkpoints.load_checkpoint(f"pretrained:{SHIPPED['autoencoder']}").model
     latents = latents_of(canvases.images, ae)
-    clip = checkpoints.load_checkpoint(f"pretrained:{SHIPPED['clip']}").model
+    clip = checkpoints.load_checkpoint(args.clip).model
     torch.manual_seed(0)
     levels = tuple(int(level) for level in args.attention_levels.split(","))
     config = text.TextUNetConfig(**{**UNET, "attention_levels": levels}, text=clip.config.text)
@@ -104,13 +120,13 @@ def train_unet(canvases, args) -> runs.TrainResult:
     # training left it blind to which colour goes with which digit (the shipped mini CLIP prefers a
     # test canvas's own caption to the colour-swapped one 51% of the time: chance), the
     # "bag of words" failure of CLIP models (Yuksekgonul et al. 2023).
-    model.text_encoder.requires_grad_(True)
+    model.text_encoder.requires_grad_(not args.freeze_text)
     schedule = schedules.scaled_linear_schedule()   # Stable Diffusion's: alpha_bar_{T-1} ~ 0.0047, not ~0 (see its docstring)
     loss_fn = functools.partial(diffusion_loss, schedule=schedule, min_snr_gamma=5.0)
     info = {"dataset": "prompted-digits", "schedule": schedule.to_config(), "min_snr_gamma": 5.0,
             "autoencoder": f"pretrained:{SHIPPED['autoencoder']}", "latent_shape": list(latents.shape[1:]),
-            "scale_factor": ae.config.scale_factor, "text_encoder": f"fine-tuned from pretrained:{SHIPPED['clip']}" if args.text_init == "clip"
-            else "trained with the U-Net from random weights"}
+            "scale_factor": ae.config.scale_factor, "text_encoder": (f"{'frozen' if args.freeze_text else 'fine-tuned'}, from {args.clip}"
+                             if args.text_init == "clip" else "trained with the U-Net from random weights")}
     config = runs.TrainConfig(minutes=args.minutes, batch_size=args.batch_size, lr=args.lr or 2e-3,
                               label_dropout=0.1, checkpoint_minutes=2.0, keep_checkpoints=2)
     return runs.train(model, latents, loss_fn, labels=model.tokenizer.encode(canvases.captions), config=config,

@@ -85,6 +85,42 @@ def test_full_caption_is_canonical_and_exact():
     assert captions.full_caption(torch.tensor([8, 6, 1, 0, 6, 2])).startswith("a white 8")
 
 
+def _swapped(spec: PromptSpec, field: str | None) -> PromptSpec:
+    """spec with `field` exchanged between the sides when both name it (None: the sides themselves)."""
+    if field is not None and None in (getattr(spec.left, field), getattr(spec.right, field)):
+        return spec
+    if field is None:
+        return PromptSpec(spec.right, spec.left, spec.side_free)
+    left, right = spec.left._replace(**{field: getattr(spec.right, field)}), spec.right._replace(**{field: getattr(spec.left, field)})
+    return PromptSpec(left, right, spec.side_free)
+
+
+def test_binding_negatives_swap_exactly_one_binding_and_keep_the_grammar():
+    generator = torch.Generator().manual_seed(0)
+    made = [0, 0, 0]
+    for scene in captions.random_scenes(600, generator):
+        text = captions.caption(scene, generator)
+        spec, words = captions.parse_prompt(text), text.lower()
+        for k, (variant, field) in enumerate(zip(captions.binding_negatives(text), ("colour", "digit", None))):
+            expected = _swapped(spec, field)
+            if variant == words:     # no swap possible: the caption names fewer than two different values
+                assert expected == spec or (field is None and spec.side_free) \
+                    or (field is None and "left" not in words and "right" not in words), (text, k)
+            else:
+                assert captions.parse_prompt(variant) == expected and expected != spec, (text, variant)
+                made[k] += 1
+            split = variant.replace(",", " ").replace(":", " ").split()
+            for article, following in zip(split, split[1:]):
+                if article in ("a", "an"):
+                    assert (article == "an") == (following in ("8", "eight")), variant
+    assert min(made) > 150, made      # each kind of swap is made for a good share of the captions
+    assert captions.binding_negatives("a large red 8 on the left and a blue 3 on the right") == [
+        "a large blue 8 on the left and a red 3 on the right", "a large red 3 on the left and a blue 8 on the right",
+        "a large red 8 on the right and a blue 3 on the left"]
+    assert captions.binding_negatives("a 3 on the left, an 8 on the right")[1] == "an 8 on the left, a 3 on the right"
+    assert captions.binding_negatives("Two digits: red 3, blue 3") == ["two digits: blue 3, red 3"] + ["two digits: red 3, blue 3"] * 2
+
+
 @pytest.mark.parametrize("text, spec", [
     ("a red 3 on the left and a blue seven on the right", PromptSpec(DigitSpec(3, 0), DigitSpec(7, 2))),
     ("a blue 7 to the right of a red three", PromptSpec(DigitSpec(3, 0), DigitSpec(7, 2))),

@@ -120,6 +120,27 @@ def test_clip_loss_by_hand_for_two_pairs(clip):
     assert torch.allclose(text.clip_score(clip, images, ids), torch.tensor([cos[0][0], cos[1][1]]), atol=1e-6)
 
 
+def test_clip_loss_with_hard_negatives_by_hand(clip):
+    images = torch.rand(2, 3, 32, 64) * 2 - 1
+    ids = clip.tokenizer.encode(["a red 3 on the left", "a blue seven"])
+    negatives = clip.tokenizer.encode(["a red 3 on the right", "a blue seven"]).view(2, 1, -1)   # the 2nd: no swap
+    image_vectors = clip.encode_image(images).detach()
+    text_vectors = clip.encode_text(torch.cat([ids, negatives[:, 0]])).detach()
+    logits = (image_vectors @ text_vectors.T / 0.07).tolist()          # columns: 2 captions, 2 negatives
+
+    def xent(row, k):
+        return -row[k] + math.log(sum(math.exp(v) for v in row))
+
+    rows = xent(logits[0][:3], 0) + xent(logits[1][:2], 1)                   # image 0 also meets its negative
+    columns = xent([logits[0][0], logits[1][0]], 0) + xent([logits[0][1], logits[1][1]], 1)
+    assert text.clip_loss(clip, images, cond=ids, negatives=negatives).item() == pytest.approx((rows + columns) / 4, rel=1e-5)
+    same = ids.view(2, 1, -1).repeat(1, 3, 1)                                # negatives equal to the caption: ignored
+    assert text.clip_loss(clip, images, cond=ids, negatives=same).item() == pytest.approx(
+        text.clip_loss(clip, images, cond=ids).item(), rel=1e-6)
+    with pytest.raises(ValueError, match=r"negatives must be \(B, K, 10\)"):
+        text.clip_loss(clip, images, cond=ids, negatives=negatives[:, 0])
+
+
 def test_clip_errors_and_null_cond(clip):
     with pytest.raises(ValueError, match=r"shape \(B, 3, 32, 64\)"):
         clip.encode_image(torch.zeros(1, 3, 32, 32))
