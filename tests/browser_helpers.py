@@ -36,12 +36,12 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 INSTALL_HINT = ("install Debian's chromium (`sudo bash .ci/install-browser`) or set DIFFUSION_COURSE_CHROMIUM "
                 "to a Chromium executable; CI installs it. Leave these tests out with `pytest -m \"not browser\"`.")
 
-# Lab settings for the throw-away server: no news or update checks (they would reach the network
-# and pop up a toast over the notebook). Everything else keeps JupyterLab's defaults.
-LAB_SETTINGS = {
-    "@jupyterlab/apputils-extension/notification.jupyterlab-settings":
-        {"fetchNews": "false", "checkForUpdates": False},
-}
+# JupyterLab's plugin that asks "Would you like to get notified about official Jupyter news?" in a
+# toast over the notebook, and checks for updates (both reach the network). The README's start
+# command disables it with `jupyter labextension disable NEWS_PLUGIN`; the throw-away server does
+# the same (at the level of its own config folder), and the tests check that no toast shows.
+NEWS_PLUGIN = "@jupyterlab/apputils-extension:announcements"
+NEWS_QUESTION = "official Jupyter news"
 
 
 def missing_browser() -> str | None:
@@ -116,10 +116,8 @@ class LabServer:
             folder = self.work_dir / name
             folder.mkdir(parents=True, exist_ok=True)
             env[variable] = str(folder)
-        for relative, settings in LAB_SETTINGS.items():
-            path = self.work_dir / "lab-settings" / relative
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(settings))
+        subprocess.run([sys.executable, "-m", "jupyter", "labextension", "disable", "--level=user", NEWS_PLUGIN],
+                       env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, timeout=120)
         env.pop("MPLBACKEND", None)     # the kernel uses the inline backend, as a learner's does
         env["JUPYTER_TOKEN"] = self.token
         env.update(self.extra_env)

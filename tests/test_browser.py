@@ -120,6 +120,7 @@ def run_notebook(page, lab, notebook: str, artifacts: Path) -> None:
     prompts = bh.wait_for_all_cells_run(page, RUN_ALL_TIMEOUT)
     bh.wait_for_kernel_idle(page, 60)
     assert bh.error_outputs(page) == []
+    assert page.get_by_text(bh.NEWS_QUESTION).count() == 0, "JupyterLab's news question shows over the notebook"
     numbers = [int(p.strip("[]:")) for p in prompts]
     assert numbers == sorted(numbers), f"cells did not run top to bottom: {prompts}"
     bh.save_full_page(page, artifacts / f"{Path(notebook).stem}-full.png")

@@ -78,3 +78,16 @@ def test_the_learners_install_has_no_test_tools():
     assert not names & {"pytest", "nbval", "playwright"}
     test_names = {re.split(r"[<>=\[ ]", r)[0] for r in project["optional-dependencies"]["test"]}
     assert {"pytest", "nbval", "playwright"} <= test_names
+
+
+def test_the_readmes_start_commands_turn_off_the_news_plugin_the_browser_tests_turn_off():
+    """Every command in the README that installs and starts the course disables the plugin whose
+    pop-up the browser tests check is absent (tests/test_browser.py, run_notebook)."""
+    readme = (ROOT / "README.md").read_text()
+    commands = [block for block in re.findall(r"```bash\n(.+?)\n```", readme, re.S) if "pip install -e ." in block
+                and "jupyter lab lessons/" in block]
+    assert len(commands) == 2, commands          # with PyPI's PyTorch, and with the CPU-only one
+    for command in commands:
+        flat = " ".join(command.replace("\\\n", " ").split())
+        disable = f'jupyter labextension disable "{bh.NEWS_PLUGIN}"'
+        assert disable in flat and flat.index(disable) < flat.index("jupyter lab lessons/"), flat
