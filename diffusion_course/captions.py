@@ -268,6 +268,13 @@ def _meaning(prompt: str) -> PromptSpec | None:
         return None
 
 
+def binding_negative_ids(tokenizer, ids: Tensor) -> Tensor:
+    """(B, 3, L) token ids of the binding_negatives of each caption in ids (B, L), for
+    text.clip_loss(..., negatives=...). `tokenizer` is the model's (a text.Tokenizer)."""
+    variants = [variant for prompt in tokenizer.decode(ids) for variant in binding_negatives(prompt)]
+    return tokenizer.encode(variants).to(ids.device).view(ids.shape[0], 3, ids.shape[1])
+
+
 def _number(word: str) -> int | None:
     return int(word) if word.isdigit() and len(word) == 1 else (NUMBER_WORDS.index(word) if word in NUMBER_WORDS else None)
 

@@ -97,9 +97,7 @@ def train_clip(canvases, args) -> runs.TrainResult:
 
 def negclip_loss(model: text.MiniCLIP, x0: torch.Tensor, *, cond: torch.Tensor, generator=None) -> torch.Tensor:
     """clip_loss with each caption's three binding negatives (captions.binding_negatives)."""
-    variants = [v for prompt in model.tokenizer.decode(cond) for v in captions.binding_negatives(prompt)]
-    negatives = model.tokenizer.encode(variants).to(cond.device).view(cond.shape[0], -1, cond.shape[1])
-    return text.clip_loss(model, x0, cond=cond, negatives=negatives)
+    return text.clip_loss(model, x0, cond=cond, negatives=captions.binding_negative_ids(model.tokenizer, cond))
 
 
 def latents_of(images: torch.Tensor, ae: torch.nn.Module, batch_size: int = 500) -> torch.Tensor:

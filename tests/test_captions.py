@@ -7,6 +7,7 @@ import torch
 
 from diffusion_course import captions, data, metrics
 from diffusion_course.captions import DigitSpec, PromptSpec
+from diffusion_course.text import Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +119,13 @@ def test_binding_negatives_swap_exactly_one_binding_and_keep_the_grammar():
         "a large blue 8 on the left and a red 3 on the right", "a large red 3 on the left and a blue 8 on the right",
         "a large red 8 on the right and a blue 3 on the left"]
     assert captions.binding_negatives("a 3 on the left, an 8 on the right")[1] == "an 8 on the left, a 3 on the right"
+    tokenizer = Tokenizer(captions.VOCABULARY)
+    ids = tokenizer.encode(["a red 3 on the left and a blue 7 on the right", "a green 4"])
+    negatives = captions.binding_negative_ids(tokenizer, ids)
+    assert negatives.shape == (2, 3, 24) and tokenizer.decode(negatives[0]) == [
+        "a blue 3 on the left and a red 7 on the right", "a red 7 on the left and a blue 3 on the right",
+        "a red 3 on the right and a blue 7 on the left"]
+    assert (negatives[1] == ids[1]).all()       # "a green 4": no swap can be made
     assert captions.binding_negatives("Two digits: red 3, blue 3") == ["two digits: blue 3, red 3"] + ["two digits: red 3, blue 3"] * 2
 
 
