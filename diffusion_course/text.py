@@ -493,6 +493,23 @@ def position_features(x: Tensor) -> Tensor:
 # The text-conditioned U-Net
 
 
+class CoordConv2d(nn.Conv2d):
+    """A convolution that also reads two more channels, each pixel's x and y in [-1, 1] (CoordConv,
+    Liu et al. 2018). A plain convolution knows where it is only near the zero-padded borders; the
+    U-Net needs to know it everywhere to put what the pooled prompt feature (added to every block,
+    the same at every pixel) says about "the left digit" on the left. Built with the input's
+    channels; the weight has two more."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, **options):
+        super().__init__(in_channels + 2, out_channels, kernel_size, **options)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, _, h, w = x.shape
+        y_map = torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype).view(1, 1, h, 1).expand(b, 1, h, w)
+        x_map = torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype).view(1, 1, 1, w).expand(b, 1, h, w)
+        return super().forward(torch.cat([x, x_map, y_map], dim=1))
+
+
 @dataclass(frozen=True)
 class TextUNetConfig(UNetConfig):
     """UNetConfig's fields (defaults for 4 x 8 x 16 latents; num_classes must stay None) plus the
@@ -504,6 +521,7 @@ class TextUNetConfig(UNetConfig):
     text: TextEncoderConfig | None = None  # the frozen text encoder (a TextEncoderConfig or its dict)
     attention_levels: tuple = (1,)        # levels (indexes into channel_mults) with cross-attention after each ResBlock
     attention_heads: int = 4              # heads of each cross-attention
+    coordinates: bool = False             # True: the first convolution also sees each pixel's (x, y) (CoordConv)
 
     def __post_init__(self):
         super().__post_init__()
@@ -548,6 +566,8 @@ class TextUNet(UNet):
             self.up_context_layers[levels - 1 - level] = self._cross_attention(channels, config.num_res_blocks + 1)
         self.mid_context_layer = ContextCrossAttention(config.base_channels * config.channel_mults[-1], text.dim,
                                                        config.attention_heads)
+        if config.coordinates:
+            self.conv_in = CoordConv2d(config.in_channels, config.base_channels, 3, padding=1)
 
     def _cross_attention(self, channels: int, count: int) -> nn.ModuleList:
         heads, dim = self.config.attention_heads, self.config.text.dim

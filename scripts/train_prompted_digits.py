@@ -57,6 +57,8 @@ def main(argv=None) -> int:
                         help="unet: the mini CLIP whose text encoder the U-Net starts from (a checkpoint or run folder)")
     parser.add_argument("--freeze-text", action="store_true",
                         help="unet: keep the text encoder frozen, as Stable Diffusion does (default: fine-tune it)")
+    parser.add_argument("--coordinates", action="store_true",
+                        help="unet: the first convolution also reads each pixel's (x, y) (text.CoordConv2d)")
     parser.add_argument("--text-init", choices=["clip", "scratch"], default="clip",
                         help="unet: start the text encoder from the mini CLIP's, or from random weights (as GLIDE)")
     args = parser.parse_args(argv)
@@ -112,7 +114,8 @@ def train_unet(canvases, args) -> runs.TrainResult:
     clip = checkpoints.load_checkpoint(args.clip).model
     torch.manual_seed(0)
     levels = tuple(int(level) for level in args.attention_levels.split(","))
-    config = text.TextUNetConfig(**{**UNET, "attention_levels": levels}, text=clip.config.text)
+    config = text.TextUNetConfig(**{**UNET, "attention_levels": levels}, text=clip.config.text,
+                                 coordinates=args.coordinates)
     model = text.TextUNet.from_clip(config, clip) if args.text_init == "clip" else text.TextUNet(config)
     # Stable Diffusion keeps its text encoder frozen. Ours is fine-tuned with the U-Net: contrastive
     # training left it blind to which colour goes with which digit (the shipped mini CLIP prefers a

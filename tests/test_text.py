@@ -292,3 +292,25 @@ def test_config_dicts_round_trip(text_unet, clip):
         assert isinstance(d["words" if "words" in d else "text"], (list, dict))
     with pytest.raises(ValueError, match="Unknown CLIPConfig fields"):
         text.CLIPConfig.from_dict({**clip.config.to_dict(), "colour": 1})
+
+
+def test_coordinates_let_the_first_convolution_tell_columns_apart(text_config):
+    """With a constant input, a plain convolution gives the same output at every interior pixel;
+    CoordConv2d's outputs differ from column to column (and row to row), borders or not."""
+    torch.manual_seed(0)
+    plain = torch.nn.Conv2d(4, 8, 3, padding=1)
+    coord = text.CoordConv2d(4, 8, 3, padding=1)
+    assert coord.weight.shape == (8, 6, 3, 3)
+    x = torch.ones(2, 4, 8, 16)
+    with torch.no_grad():
+        interior_plain, interior_coord = plain(x)[:, :, 1:-1, 1:-1], coord(x)[:, :, 1:-1, 1:-1]
+    assert torch.allclose(interior_plain, interior_plain[:, :, :1, :1].expand_as(interior_plain), atol=1e-6)
+    assert (interior_coord[..., 1:] - interior_coord[..., :-1]).abs().amax() > 1e-3      # columns differ
+    assert (interior_coord[:, :, 1:] - interior_coord[:, :, :-1]).abs().amax() > 1e-3   # rows differ
+    config = text.TextUNetConfig(base_channels=8, channel_mults=(1, 2), text=text_config, attention_heads=2,
+                                 coordinates=True)
+    model = text.TextUNet(config)
+    assert isinstance(model.conv_in, text.CoordConv2d) and text.TextUNetConfig.from_dict(config.to_dict()) == config
+    ids = model.tokenizer.encode(["a red 3", ""])
+    assert model(torch.randn(2, 4, 8, 16), torch.tensor([3, 900]), ids).shape == (2, 4, 8, 16)
+    assert not text.TextUNetConfig(text=text_config).coordinates      # off by default: old checkpoints load as they were
