@@ -10,7 +10,6 @@ thread each (for training each half's loss is backpropagated in its own thread; 
 add up to the whole batch's). Two rounds, each idle and then beside a busy process started here.
 """
 
-import statistics
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.prompted_digits import median_seconds  # noqa: E402  (median after one warm-up call)
 from diffusion_course import checkpoints, data, sampling, schedules  # noqa: E402
 from diffusion_course.unet import UNet, UNetConfig  # noqa: E402
 
@@ -74,16 +74,6 @@ def sampling_batch(num: int = 50):
         with torch.no_grad():
             sampling.dpm_solver_sample(Halves(model) if split else model, x_T, schedule, grid, cond=labels)
     return batch
-
-
-def median_seconds(action, repeats: int) -> float:
-    action()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        action()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
