@@ -464,8 +464,10 @@ class ContextCrossAttention(CrossAttention):
     """CrossAttention called the U-Net's way, layer(h, context), with a TextContext, and with
     queries that know where their pixel is: a learned projection of `position_features` is added
     to x before the attention reads it (and taken away after). Convolutions know a pixel's place
-    only from the zero padding at the borders: without this, the course's U-Net drew the two named
-    colours of a prompt on swapped sides about half the time (README, "A small Stable Diffusion")."""
+    only from the zero padding at the borders. On its own this did not stop the course's U-Net from
+    drawing a prompt's two colours on swapped sides about half the time (its keys, the token
+    features, carried no binding); what did is CoordConv2d with a hard-negative CLIP (README,
+    "A small Stable Diffusion")."""
 
     def __init__(self, channels: int, context_dim: int, heads: int = 4):
         super().__init__(channels, context_dim, heads)

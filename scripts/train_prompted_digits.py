@@ -3,10 +3,12 @@ time, each resumable (the same command continues an interrupted stage; a larger 
 
     python scripts/train_prompted_digits.py autoencoder --minutes 15   # pixels <-> latents (lesson 08)
     python scripts/train_prompted_digits.py ship --stage autoencoder   # measures the latent scale factor
-    python scripts/train_prompted_digits.py clip --minutes 10          # the text encoder (lesson 09)
+    python scripts/train_prompted_digits.py clip --minutes 20 --hard-negatives   # the text encoder (lesson 09)
     python scripts/train_prompted_digits.py ship --stage clip
-    python scripts/train_prompted_digits.py unet --minutes 90          # the latent U-Net with cross-attention
+    python scripts/train_prompted_digits.py unet --minutes 50 --freeze-text --coordinates   # the latent U-Net
     python scripts/train_prompted_digits.py ship --stage unet
+
+(The shipped models were trained with --run names clip-neg and unet-coord; see the README.)
 
 Runs live in runs/prompted-digits/{autoencoder,clip,unet}; `ship` writes the EMA weights of a
 run's latest checkpoint to diffusion_course/pretrained/prompted-digits{-autoencoder,-clip,}.
@@ -117,10 +119,9 @@ def train_unet(canvases, args) -> runs.TrainResult:
     config = text.TextUNetConfig(**{**UNET, "attention_levels": levels}, text=clip.config.text,
                                  coordinates=args.coordinates)
     model = text.TextUNet.from_clip(config, clip) if args.text_init == "clip" else text.TextUNet(config)
-    # Stable Diffusion keeps its text encoder frozen. Ours is fine-tuned with the U-Net: contrastive
-    # training left it blind to which colour goes with which digit (the shipped mini CLIP prefers a
-    # test canvas's own caption to the colour-swapped one 51% of the time: chance), the
-    # "bag of words" failure of CLIP models (Yuksekgonul et al. 2023).
+    # Stable Diffusion keeps its text encoder frozen (--freeze-text, the shipped recipe). Fine-tuning
+    # it with the denoising loss was tried when the mini CLIP was blind to binding (no hard
+    # negatives): it did not teach the U-Net which colour goes where (README).
     model.text_encoder.requires_grad_(not args.freeze_text)
     schedule = schedules.scaled_linear_schedule()   # Stable Diffusion's: alpha_bar_{T-1} ~ 0.0047, not ~0 (see its docstring)
     loss_fn = functools.partial(diffusion_loss, schedule=schedule, min_snr_gamma=5.0)
