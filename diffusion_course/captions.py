@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import data, metrics
+from . import data, metrics, text
 
 PALETTE: dict[str, tuple[float, float, float]] = {   # colour name -> RGB in [0, 1], in index order
     "red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0),
@@ -275,18 +275,22 @@ def binding_negative_ids(tokenizer, ids: Tensor) -> Tensor:
     return tokenizer.encode(variants).to(ids.device).view(ids.shape[0], 3, ids.shape[1])
 
 
+def negclip_loss(model, x0: Tensor, *, cond: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """text.clip_loss with each caption's three binding negatives (NegCLIP), with runs.train's loss
+    contract: model a text.MiniCLIP, x0 (B, 3, 32, 64) canvases, cond (B, L) their captions' ids."""
+    return text.clip_loss(model, x0, cond=cond, negatives=binding_negative_ids(model.tokenizer, cond))
+
+
 def _number(word: str) -> int | None:
     return int(word) if word.isdigit() and len(word) == 1 else (NUMBER_WORDS.index(word) if word in NUMBER_WORDS else None)
 
 
 def _fix_articles(words: list[str]) -> list[str]:
-    """"an" before 8 and eight, "a" before anything else (the words as split, separators left out)."""
-    following = [word for word in words[1:] if word] + [""]
-    result, k = [], 0
-    for word in words:
-        if word:
-            k += 1
-        result.append(("an" if following[k - 1] in ("8", "eight") else "a") if word in ("a", "an") else word)
+    """"an" before 8 and eight, "a" before anything else (empty strings, left by the split, skipped)."""
+    result, real = list(words), [i for i, word in enumerate(words) if word]
+    for i, following in zip(real, real[1:] + [None]):
+        if words[i] in ("a", "an"):
+            result[i] = "an" if following is not None and words[following] in ("8", "eight") else "a"
     return result
 
 

@@ -326,10 +326,13 @@ class MiniCLIP(nn.Module):
     def forward(self, images: Tensor, ids: Tensor) -> Tensor:
         """(B, B) logits: scale * cosine similarity of image i and caption j (the scale is
         exp(logit_scale), at most 100 as in CLIP)."""
-        if ids.shape[:1] != images.shape[:1]:
-            raise ValueError(f"images and ids must have the same batch size, got {images.shape[0]} and {ids.shape[0]}.")
-        scale = self.logit_scale.clamp(max=math.log(100)).exp()
-        return scale * self.encode_image(images) @ self.encode_text(ids).T
+        _check_same_batch(images, ids)
+        return self.scale * self.encode_image(images) @ self.encode_text(ids).T
+
+    @property
+    def scale(self) -> Tensor:
+        """exp(logit_scale), capped at 100 as in CLIP: what the cosine similarities are multiplied by."""
+        return self.logit_scale.clamp(max=math.log(100)).exp()
 
     def _check_images(self, images: Tensor) -> None:
         expected = (self.config.image_channels, *self.config.image_size)
@@ -369,12 +372,12 @@ def clip_loss(model: MiniCLIP, x0: Tensor, *, cond: Tensor, negatives: Tensor | 
             or negatives.shape[2] != cond.shape[1]:
         got = tuple(negatives.shape) if isinstance(negatives, Tensor) else repr(negatives)
         raise ValueError(f"negatives must be (B, K, {cond.shape[1]}) token ids (K hard negatives per caption), got {got}.")
+    _check_same_batch(x0, cond)
     batch, k, length = negatives.shape
     image_emb, text_emb = model.encode_image(x0), model.encode_text(cond)
     negative_emb = model.encode_text(negatives.reshape(batch * k, length)).view(batch, k, -1)
-    scale = model.logit_scale.clamp(max=math.log(100)).exp()
-    logits = scale * image_emb @ text_emb.T
-    negative_logits = scale * (image_emb[:, None] * negative_emb).sum(-1)            # (B, K)
+    logits = model.scale * image_emb @ text_emb.T
+    negative_logits = model.scale * (image_emb[:, None] * negative_emb).sum(-1)      # (B, K)
     negative_logits = negative_logits.masked_fill((negatives == cond[:, None]).all(-1), float("-inf"))
     target = torch.arange(batch, device=logits.device)
     return (F.cross_entropy(torch.cat([logits, negative_logits], 1), target) + F.cross_entropy(logits.T, target)) / 2
@@ -386,9 +389,13 @@ def clip_score(model: MiniCLIP, images: Tensor, ids: Tensor) -> Tensor:
 
     The plain cosine, not scaled: torchmetrics' CLIPScore reports 100 * max(cos, 0), Hessel et
     al. 2021's CLIPScore 2.5 * max(cos, 0)."""
+    _check_same_batch(images, ids)
+    return (model.encode_image(images) * model.encode_text(ids)).sum(dim=-1)
+
+
+def _check_same_batch(images: Tensor, ids: Tensor) -> None:
     if ids.shape[:1] != images.shape[:1]:
         raise ValueError(f"images and ids must have the same batch size, got {images.shape[0]} and {ids.shape[0]}.")
-    return (model.encode_image(images) * model.encode_text(ids)).sum(dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------

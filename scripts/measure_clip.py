@@ -28,10 +28,14 @@ def wilson(successes: int, num: int, z: float = 1.96) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def swap_tests(clip, images: torch.Tensor, prompts: list[str]) -> list[tuple[str, int, int]]:
+def image_embeddings(clip, images: torch.Tensor) -> torch.Tensor:
+    return torch.cat([clip.encode_image(chunk) for chunk in images.split(500)])
+
+
+@torch.no_grad()
+def swap_tests(clip, image_emb: torch.Tensor, prompts: list[str]) -> list[tuple[str, int, int]]:
     """(name, wins, num) for the three swap tests: how often each image's own caption scores above
-    its variant, among the images whose variant differs from the caption."""
-    image_emb = torch.cat([clip.encode_image(chunk) for chunk in images.split(500)])
+    its variant, among the images (given as clip.encode_image's embeddings) whose variant differs."""
     own = (image_emb * clip.encode_text(clip.tokenizer.encode(prompts))).sum(1)
     variants = [captions.binding_negatives(prompt) for prompt in prompts]
     results = []
@@ -48,13 +52,13 @@ def main(checkpoint: str = "pretrained:prompted-digits-clip", num: int = 2000, g
     clip = checkpoints.load_checkpoint(checkpoint).model.eval()
     test = captions.build_prompted_digits(num, train=False, seed=1)
     prompts = [captions.full_caption(scene) for scene in test.scenes]
-    image_emb = torch.cat([clip.encode_image(chunk) for chunk in test.images.split(500)])
+    image_emb = image_embeddings(clip, test.images)
     text_emb = clip.encode_text(clip.tokenizer.encode(prompts))
     scores = torch.stack([image_emb[i:i + group] @ text_emb[i:i + group].T for i in range(0, num - group + 1, group)])
     hits = int((scores.argmax(-1) == torch.arange(group)).sum())
     total = scores.shape[0] * group
     print(f"{checkpoint}: retrieval among {group}: {hits / total:.1%} [{wilson(hits, total)[0]:.1%}, {wilson(hits, total)[1]:.1%}] of {total}")
-    for name, wins, n in swap_tests(clip, test.images, prompts):
+    for name, wins, n in swap_tests(clip, image_emb, prompts):
         low, high = wilson(wins, n)
         print(f"  swap test, {name}: own caption higher {wins / n:.1%} [{low:.1%}, {high:.1%}] of {n}")
 

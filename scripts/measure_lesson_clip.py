@@ -3,8 +3,8 @@
     python scripts/measure_lesson_clip.py [MINUTES]     (default 1.5, the lesson's CLIP_MINUTES)
 
 Trains the lesson's mini CLIP (same config, batch 128, lr 1e-3, 20 warm-up steps, raw weights) on
-the 60,000 training canvases for MINUTES, once with hard negatives (the lesson's negclip_loss) and
-once without (text.clip_loss), and prints the steps each got and the three swap tests of
+the 60,000 training canvases for MINUTES, once with hard negatives (captions.negclip_loss, which
+the lesson uses) and once without (text.clip_loss), and prints the steps each got and the three swap tests of
 scripts/measure_clip.py on the lesson's 1,000 test canvases (seed 1), with full captions.
 """
 
@@ -17,11 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from diffusion_course import captions, runs, text  # noqa: E402
-from measure_clip import swap_tests  # noqa: E402
-
-
-def negclip_loss(model, x0, *, cond, generator=None):
-    return text.clip_loss(model, x0, cond=cond, negatives=captions.binding_negative_ids(model.tokenizer, cond))
+from measure_clip import image_embeddings, swap_tests  # noqa: E402
 
 
 def main(minutes: float = 1.5) -> None:
@@ -34,9 +30,10 @@ def main(minutes: float = 1.5) -> None:
         clip = text.MiniCLIP(text.CLIPConfig(text=config))
         train_config = runs.TrainConfig(minutes=minutes, batch_size=128, lr=1e-3, warmup_steps=20,
                                         label_dropout=0.0, progress=False)
-        result = runs.train(clip, train.images, negclip_loss if hard else text.clip_loss,
+        result = runs.train(clip, train.images, captions.negclip_loss if hard else text.clip_loss,
                             labels=clip.tokenizer.encode(train.captions), config=train_config)
-        tests = swap_tests(result.model.eval(), test.images, prompts)
+        model = result.model.eval()
+        tests = swap_tests(model, image_embeddings(model, test.images), prompts)
         print(f"hard negatives {hard}: {result.step} steps; swap tests: "
               + ", ".join(f"{name} {wins / n:.1%} of {n}" for name, wins, n in tests), flush=True)
 

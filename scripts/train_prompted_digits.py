@@ -93,15 +93,10 @@ def train_clip(canvases, args) -> runs.TrainResult:
     text_config = text.TextEncoderConfig(words=tuple(captions.VOCABULARY), **TEXT)
     model = text.MiniCLIP(text.CLIPConfig(text=text_config.to_dict()))
     ids = model.tokenizer.encode(canvases.captions)
-    loss_fn = negclip_loss if args.hard_negatives else text.clip_loss
+    loss_fn = captions.negclip_loss if args.hard_negatives else text.clip_loss
     return runs.train(model, canvases.images, loss_fn, labels=ids, config=_config(args, 1e-3),
                       out_dir=RUNS / (args.run or "clip"), resume=not args.fresh,
                       info={"dataset": "prompted-digits", "hard_negatives": args.hard_negatives})
-
-
-def negclip_loss(model: text.MiniCLIP, x0: torch.Tensor, *, cond: torch.Tensor, generator=None) -> torch.Tensor:
-    """clip_loss with each caption's three binding negatives (captions.binding_negatives)."""
-    return text.clip_loss(model, x0, cond=cond, negatives=captions.binding_negative_ids(model.tokenizer, cond))
 
 
 def latents_of(images: torch.Tensor, ae: torch.nn.Module, batch_size: int = 500) -> torch.Tensor:
