@@ -78,6 +78,7 @@ def _add_train(p) -> None:
     p.add_argument("--lr", type=number(0, exclusive=True), default=runs.TrainConfig.lr)
     p.add_argument("--warmup-steps", type=whole(0), default=runs.TrainConfig.warmup_steps)
     p.add_argument("--min-snr-gamma", type=gamma_or_off, default=5.0, help="Min-SNR loss weighting; 0: off")
+    p.add_argument("--hflip", action="store_true", help="flip each image left-right at random (photos, not digits)")
     p.add_argument("--checkpoint-every", type=whole(0), default=500, help="steps between checkpoints (0: by time only)")
     p.add_argument("--checkpoint-minutes", type=number(0, exclusive=True), default=1.0, help="and after this much time")
     p.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default="auto")
@@ -150,9 +151,8 @@ def gamma_or_off(text: str) -> float | None:
 
 
 def run_train(args) -> int:
-    train_config = runs.TrainConfig(steps=args.steps, minutes=args.minutes, batch_size=args.batch_size, lr=args.lr,
-                                    warmup_steps=args.warmup_steps, checkpoint_every=args.checkpoint_every,
-                                    checkpoint_minutes=args.checkpoint_minutes, precision=args.precision, seed=args.seed)
+    options = "steps minutes batch_size lr warmup_steps checkpoint_every checkpoint_minutes precision seed hflip"
+    train_config = runs.TrainConfig(**{name: getattr(args, name) for name in options.split()})
     dataset = data.load_dataset(args.dataset)           # the config above is checked before this slow load
     num_classes = None if args.unconditional else data.dataset_info(args.dataset).num_classes
     torch.manual_seed(args.seed)

@@ -52,15 +52,17 @@ def test_train_writes_a_checkpoint(run_dir, capsys):
     assert loaded.schedule.name == "cosine" and loaded.schedule.num_steps == 1000
     recipe = loaded.info["train_config"]
     assert (loaded.info["min_snr_gamma"], recipe["lr"], recipe["warmup_steps"]) == (5.0, 4e-3, 100)   # the defaults
+    assert recipe["hflip"] is False
 
 
 def test_train_recipe_flags_reach_the_checkpoint(data_root, tmp_path, capsys):
     out = tmp_path / "plain"
     assert cli.main(["train", "--dataset", "mnist", "--out", str(out), "--steps", "1", "--base-channels", "8",
-                     "--batch-size", "8", "--min-snr-gamma", "0", "--lr", "2e-3", "--warmup-steps", "200"]) == 0
+                     "--batch-size", "8", "--min-snr-gamma", "0", "--lr", "2e-3", "--warmup-steps", "200", "--hflip"]) == 0
     info = checkpoints.load_checkpoint(out).info
     recipe = info["train_config"]
     assert (info["min_snr_gamma"], recipe["lr"], recipe["warmup_steps"]) == (None, 2e-3, 200)   # 0 turns it off
+    assert recipe["hflip"] is True
 
 
 def test_train_rejects_a_gamma_that_is_not_a_number(tmp_path, capsys):
