@@ -143,6 +143,28 @@ def to_model_range(images: Tensor) -> Tensor:
     return images.float() / 127.5 - 1.0
 
 
+def pixels_to_model(pixels) -> Tensor:
+    """Images as datasets and image files store them -> the model's layout and range (lesson 07).
+
+    pixels: uint8 (N, H, W) grey or (N, H, W, C) colour, channels last, as a tensor or numpy array.
+    Returns float32 (N, C, H, W) in [-1, 1], channels first. The channels are moved with permute
+    (each pixel keeps its colour values); a reshape would cut the image into wrong strips.
+    """
+    pixels = torch.as_tensor(pixels)
+    if pixels.dtype != torch.uint8 or pixels.ndim not in (3, 4):
+        raise ValueError(f"pixels must be uint8 (N, H, W) or (N, H, W, C) as stored, got {pixels.dtype} "
+                         f"of shape {tuple(pixels.shape)}.")
+    images = pixels[:, None] if pixels.ndim == 3 else pixels.permute(0, 3, 1, 2)
+    return to_model_range(images.contiguous())
+
+
+def random_hflip(images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Each image of (N, C, H, W) mirrored left-right with probability 1/2, drawn from `generator`
+    (augmentation, lesson 07: a mirrored photo of a horse is as likely a photo; a mirrored 2 is no digit)."""
+    flip = torch.rand(images.shape[0], generator=generator, device=images.device) < 0.5
+    return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+
+
 def to_image_range(x: Tensor) -> Tensor:
     """Model outputs (about [-1, 1]) -> uint8 pixels in [0, 255], clamped."""
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -200,8 +222,7 @@ def load_dataset(name: str = "mnist", train: bool = True, root: str | Path | Non
         pixels, labels = _load_with_torchvision(info, train, Path(root) if root is not None else data_root())
     if limit is not None:
         pixels, labels = pixels[:limit], labels[:limit]
-    images = pixels[:, None] if pixels.ndim == 3 else pixels.permute(0, 3, 1, 2)   # to (N, C, H, W)
-    return Dataset(to_model_range(images.contiguous()), labels, name)
+    return Dataset(pixels_to_model(pixels), labels, name)
 
 
 def offline_arrays_file(info: DatasetInfo, train: bool) -> Path | None:

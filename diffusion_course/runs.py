@@ -43,6 +43,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from . import checkpoints
+from .data import random_hflip
 from .guidance import drop_cond, has_null_cond
 from .schedules import NoiseSchedule
 from .training import EMA, diffusion_loss, train_step
@@ -450,7 +451,7 @@ def _one_step(run: _Run) -> float:
     if run.labels is not None:
         null_cond = run.model.null_cond(len(index), device)
         cond = drop_cond(run.labels[index], null_cond, config.label_dropout, run.generator)
-    images = _random_hflip(run.images[index], run.generator) if config.hflip else run.images[index]
+    images = random_hflip(run.images[index], run.generator) if config.hflip else run.images[index]
     x0, cond, draws = _share_of_batch(run, images, cond)
     for group in run.optimizer.param_groups:     # linear warm-up
         group["lr"] = config.lr * min(1.0, (run.step + 1) / max(1, config.warmup_steps))
@@ -466,12 +467,6 @@ def _one_step(run: _Run) -> float:
     run.losses.append(loss)
     run.in_step = False
     return loss
-
-
-def _random_hflip(images: Tensor, generator: torch.Generator) -> Tensor:
-    """Each image mirrored left-right with probability 1/2 (augmentation: a mirrored photo is as likely)."""
-    flip = torch.rand(images.shape[0], generator=generator, device=images.device) < 0.5
-    return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
 
 
 def _share_of_batch(run: _Run, x0: Tensor, cond: Tensor | None) -> tuple[Tensor, Tensor | None, dict]:

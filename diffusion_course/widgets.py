@@ -391,7 +391,7 @@ class GuidanceExplorer(StaticCopy, ipywidgets.VBox):
 
     Attributes (for driving it from code):
         slider: the FloatSlider "guidance scale w" (0 .. max_guidance, step 0.5).
-        digit: a ToggleButtons class picker (0-9).  steps: an IntSlider, sampler steps.
+        digit: a ToggleButtons class picker (0-9, or the class names given).  steps: an IntSlider, sampler steps.
         seed: a BoundedIntText, the seed of the starting noise.
         image: the ipywidgets.Image showing the grid; `image.value` is PNG bytes.
         status: an ipywidgets.Label describing the grid shown (and how long it took to make).
@@ -402,19 +402,24 @@ class GuidanceExplorer(StaticCopy, ipywidgets.VBox):
     def __init__(self, model, schedule: NoiseSchedule, digit: int = 3, guidance_scale: float = 3.0,
                  num_steps: int = 10, seed: int = 0, num_images: int = 8, max_guidance: float = 8.0,
                  sampler: str = "dpm", fallback_scales: Sequence[float] = (0.0, 1.0, 3.0, 8.0),
-                 fallback: bool = True):
+                 fallback: bool = True, class_names: Sequence[str] | None = None):
         if getattr(model, "null_class", None) is None:
             raise ValueError("The guidance explorer needs a class-conditional model (with a null class).")
         if not 0 <= digit < model.null_class:
             raise ValueError(f"digit must lie in [0, {model.null_class}), got {digit}.")
+        if class_names is not None and len(class_names) != model.null_class:
+            raise ValueError(f"class_names must name the model's {model.null_class} classes, got {len(class_names)} names.")
+        self.names = [str(c) for c in range(model.null_class)] if class_names is None else list(class_names)
+        self.kind = "digit" if class_names is None else "class"
         self.model, self.schedule, self.sampler, self.num_images = model, schedule, sampler, num_images
         self._cache: dict[tuple, tuple[Tensor, bytes]] = {}
         self.slider = ipywidgets.FloatSlider(value=guidance_scale, min=0.0, max=max_guidance, step=0.5,
                                              description="guidance scale w", readout=True, readout_format=".1f",
                                              continuous_update=False, style={"description_width": "initial"},
                                              layout=ipywidgets.Layout(width="520px"))
-        self.digit = ipywidgets.ToggleButtons(options=list(range(model.null_class)), value=digit,
-                                              description="digit", style={"button_width": "32px"})
+        self.digit = ipywidgets.ToggleButtons(options=list(zip(self.names, range(model.null_class))), value=digit,
+                                              description=self.kind,
+                                              style={"button_width": "32px" if class_names is None else "84px"})
         self.steps = ipywidgets.IntSlider(value=num_steps, min=2, max=30, step=1, description="steps",
                                           continuous_update=False)
         self.seed = ipywidgets.BoundedIntText(value=seed, min=0, max=2**31 - 1, description="seed",
@@ -453,23 +458,23 @@ class GuidanceExplorer(StaticCopy, ipywidgets.VBox):
             digit, scale, steps, seed = key
             self._grid.set_data(viz.image_grid(images, nrow=self.num_images))
             sampler = {"dpm": "DPM-Solver++", "ddim": "DDIM", "ddpm": "DDPM"}.get(self.sampler, self.sampler)
-            self._title.set_text(f"digit {digit}, guidance scale w = {scale:.1f}  ({sampler}, {steps} steps, seed {seed})")
+            self._title.set_text(f"{self.kind} {self.names[digit]}, guidance scale w = {scale:.1f}  ({sampler}, {steps} steps, seed {seed})")
             self._cache[key] = (images, figure_to_png(self._figure))
         self.images = images
         self.image.value = self._cache[key][1]
-        self.status.value = (f"{self.num_images} samples of digit {key[0]} at w = {key[1]:.1f}"
+        self.status.value = (f"{self.num_images} samples of {self.kind} {self.names[key[0]]} at w = {key[1]:.1f}"
                              f" · made in {time.perf_counter() - start:.2f} s (cached settings are instant)")
 
     def _draw_fallback(self, scales: Sequence[float]) -> Figure:
         digit, _, steps, seed = self.setting()
         rows = [self.samples(digit, float(scale), steps, seed) for scale in scales]
         return viz.show_image_rows(rows, [f"w = {scale:g}" for scale in scales], size=0.8,
-                                   title=f"digit {digit}: the same starting noise at several guidance scales")
+                                   title=f"{self.kind} {self.names[digit]}: the same starting noise at several guidance scales")
 
 
 def guidance_explorer(model, schedule: NoiseSchedule, digit: int = 3, guidance_scale: float = 3.0,
-                      num_steps: int = 10, seed: int = 0, num_images: int = 8, fallback: bool = True
-                      ) -> GuidanceExplorer:
+                      num_steps: int = 10, seed: int = 0, num_images: int = 8, fallback: bool = True,
+                      class_names: Sequence[str] | None = None) -> GuidanceExplorer:
     """A "guidance scale w" slider (with a digit picker, step count and seed) over a grid of samples.
 
     Args:
@@ -479,10 +484,12 @@ def guidance_explorer(model, schedule: NoiseSchedule, digit: int = 3, guidance_s
             (deterministic), so the same setting always gives the same grid.
         num_images: images per grid; 8 with 10 steps takes under a second on a 2-core CPU.
         fallback: keep a static figure (shown where widgets cannot run) of the grid at w = 0, 1, 3 and 8.
+        class_names: the buttons' names for the classes (e.g. CIFAR-10's, lesson 07); None: digits 0-9.
     Returns:
         A GuidanceExplorer (an ipywidgets.VBox); see its attributes.
     """
-    return GuidanceExplorer(model, schedule, digit, guidance_scale, num_steps, seed, num_images, fallback=fallback)
+    return GuidanceExplorer(model, schedule, digit, guidance_scale, num_steps, seed, num_images, fallback=fallback,
+                            class_names=class_names)
 
 
 # --- Lesson 06: image-to-image ----------------------------------------------------------------

@@ -52,6 +52,34 @@ def test_range_round_trip_on_uint8():
     assert data.to_image_range(torch.tensor([-3.0, -1.0, 0.0, 1.0, 3.0])).tolist() == [0, 0, 128, 255, 255]
 
 
+def test_pixels_to_model_moves_channels_first_and_scales():
+    """Lesson 07's exercise reference: (N, H, W, C) uint8 as stored -> (N, C, H, W) in [-1, 1], each pixel's
+    colour kept (a permute, not a reshape); grey (N, H, W) gains a channel; numpy arrays work too."""
+    pixels = torch.randint(0, 256, (2, 5, 7, 3), dtype=torch.uint8)
+    images = data.pixels_to_model(pixels)
+    assert images.shape == (2, 3, 5, 7) and images.dtype == torch.float32
+    assert torch.equal(images[1, :, 4, 6], pixels[1, 4, 6].float() / 127.5 - 1)     # pixel (4, 6)'s R, G, B
+    assert torch.equal(data.pixels_to_model(pixels.numpy()), images)
+    assert data.pixels_to_model(torch.full((1, 2, 2), 255, dtype=torch.uint8)).shape == (1, 1, 2, 2)
+    assert data.pixels_to_model(torch.tensor([[[0, 255]]], dtype=torch.uint8)).tolist() == [[[[-1.0, 1.0]]]]
+
+
+@pytest.mark.parametrize("pixels", [torch.zeros(2, 4, 4, 3), torch.zeros(4, 4, dtype=torch.uint8)])
+def test_pixels_to_model_refuses_what_is_not_stored_pixels(pixels):
+    with pytest.raises(ValueError, match=r"uint8 \(N, H, W\) or \(N, H, W, C\)"):
+        data.pixels_to_model(pixels)
+
+
+def test_random_hflip_mirrors_about_half_the_images_reproducibly():
+    """Each image is mirrored left-right (the last axis) with probability 1/2, from the given generator."""
+    images = torch.arange(4000 * 4, dtype=torch.float32).view(4000, 1, 1, 4)
+    flipped = data.random_hflip(images, torch.Generator().manual_seed(0))
+    mirrored = (flipped == images.flip(-1)).all(-1).flatten()
+    kept = (flipped == images).all(-1).flatten()
+    assert bool((mirrored ^ kept).all()) and abs(mirrored.float().mean().item() - 0.5) < 0.03
+    assert torch.equal(flipped, data.random_hflip(images, torch.Generator().manual_seed(0)))
+
+
 def test_data_root_default(monkeypatch, tmp_path):
     monkeypatch.delenv("DIFFUSION_COURSE_DATA", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))

@@ -510,17 +510,9 @@ def test_info_must_be_json(tiny_unet, digits8):
         train(tiny_unet, images, LOSS, config=quick_config(), info={"step": 3, "seconds": 1.0})
 
 
-def test_hflip_mirrors_about_half_the_images_and_is_off_by_default(tiny_unet):
-    """The augmentation option for colour photos (issue 14): each image is mirrored with probability 1/2,
-    from the run's generator, so a run stays reproducible; off by default (digits must not be mirrored)."""
-    from diffusion_course import runs
+def test_hflip_is_off_by_default_and_must_be_a_bool():
+    """The augmentation option for colour photos (issue 14; the flip itself: test_data); digits must not be mirrored."""
     assert runs.TrainConfig().hflip is False
-    images = torch.arange(4000 * 4, dtype=torch.float32).view(4000, 1, 1, 4)
-    flipped = runs._random_hflip(images, torch.Generator().manual_seed(0))
-    mirrored = (flipped == images.flip(-1)).all(-1).flatten()
-    kept = (flipped == images).all(-1).flatten()
-    assert bool((mirrored ^ kept).all()) and abs(mirrored.float().mean().item() - 0.5) < 0.03
-    assert torch.equal(flipped, runs._random_hflip(images, torch.Generator().manual_seed(0)))
     with pytest.raises(ValueError, match="hflip"):
         runs.TrainConfig(hflip="yes")
 

@@ -42,6 +42,19 @@ def test_guidance_explorer_needs_a_conditional_model(tiny_unet, tiny_cond_unet):
         widgets.guidance_explorer(tiny_cond_unet, cosine_schedule(40), digit=10, fallback=False)
 
 
+def test_guidance_explorer_names_the_classes_when_given(tiny_cond_unet):
+    """Lesson 07 shows CIFAR-10's class names on the buttons, in the status line and the title."""
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    explorer = widgets.guidance_explorer(tiny_cond_unet, cosine_schedule(40), digit=7, num_steps=2, num_images=2,
+                                         fallback=False, class_names=names)
+    assert explorer.digit.description == "class" and explorer.digit.options[7] == ("horse", 7)
+    assert "of class horse at w = 3.0" in explorer.status.value
+    explorer.digit.value = 8
+    assert "of class ship" in explorer.status.value
+    with pytest.raises(ValueError, match="name the model's 10 classes, got 3"):
+        widgets.guidance_explorer(tiny_cond_unet, cosine_schedule(40), class_names=names[:3], fallback=False)
+
+
 def test_strength_explorer(tiny_cond_unet):
     images = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
     explorer = widgets.strength_explorer(tiny_cond_unet, cosine_schedule(40), images, strength=0.5, num_steps=4,
