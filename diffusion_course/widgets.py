@@ -492,6 +492,87 @@ def guidance_explorer(model, schedule: NoiseSchedule, digit: int = 3, guidance_s
                             class_names=class_names)
 
 
+# --- Lesson 10: between the ODE and the SDE ------------------------------------------------------
+
+class EtaExplorer(StaticCopy, ipywidgets.VBox):
+    """DDIM samples from one starting noise, with an "eta" slider (lesson 10): eta = 0 follows the
+    probability-flow ODE (no noise is added on the way), eta = 1 adds as much fresh noise per step as
+    DDPM's ancestral sampler, values in between a share of it. Grids are cached per setting.
+
+    Attributes (for driving it from code):
+        slider: the FloatSlider "eta" (0 .. 1, step 0.1).  seed: a BoundedIntText, the seed.
+        image: the ipywidgets.Image showing the grid; `image.value` is PNG bytes.
+        status: an ipywidgets.Label describing the grid shown.  images: (N, C, H, W) the samples shown now.
+        fallback_figure: the static figure drawn at creation (rows for a few values of eta; closed).
+    """
+
+    def __init__(self, model, schedule: NoiseSchedule, labels: Sequence[int] = tuple(range(10)), eta: float = 0.0,
+                 num_steps: int = 20, guidance_scale: float = 2.0, seed: int = 0,
+                 fallback_etas: Sequence[float] = (0.0, 0.5, 1.0), fallback: bool = True):
+        self.model, self.schedule, self.num_steps = guided(model, guidance_scale), schedule, num_steps
+        self.shape = image_shape(model)
+        self.labels, self.guidance_scale = torch.as_tensor(labels, dtype=torch.long).reshape(-1), guidance_scale
+        self._cache: dict[tuple, tuple[Tensor, bytes]] = {}
+        self.slider = ipywidgets.FloatSlider(value=eta, min=0.0, max=1.0, step=0.1, description="eta",
+                                             readout_format=".1f", continuous_update=False,
+                                             layout=ipywidgets.Layout(width="520px"))
+        self.seed = ipywidgets.BoundedIntText(value=seed, min=0, max=2**31 - 1, description="seed",
+                                              layout=ipywidgets.Layout(width="180px"))
+        self.status, self.image = ipywidgets.Label(), ipywidgets.Image(format="png")
+        n = len(self.labels)
+        self._figure = Figure(figsize=(0.85 * n + 0.2, 1.3))
+        ax = self._figure.add_axes((0.01, 0.02, 0.98, 0.74))
+        ax.set_axis_off()
+        self._grid = ax.imshow(viz.image_grid(torch.zeros(n, *self.shape), nrow=n), cmap="gray", vmin=0, vmax=1)
+        self._title = self._figure.suptitle("", fontsize=10, y=0.97)
+        super().__init__([self.slider, self.seed, self.image, self.status])
+        _start(self, (self.slider, self.seed), self._draw_fallback(fallback_etas), fallback)
+
+    def samples(self, eta: float, seed: int) -> Tensor:
+        """The grid for one setting (cached): the same starting noise for every eta."""
+        key = (round(eta, 4), seed)
+        if key not in self._cache:
+            x_T = torch.randn(len(self.labels), *self.shape, generator=torch.Generator().manual_seed(seed))
+            images = sampling.sample(self.model, x_T, self.schedule, sampler="ddim", sampling_steps=self.num_steps,
+                                     cond=self.labels, eta=key[0], clip_x0=1.0,
+                                     generator=torch.Generator().manual_seed(seed + 1)).clamp(-1, 1)
+            self._cache[key] = (images, b"")
+        return self._cache[key][0]
+
+    def update(self) -> None:
+        """Show the grid for the current setting (called when a control changes)."""
+        key = (round(float(self.slider.value), 4), int(self.seed.value))
+        start = time.perf_counter()
+        images = self.samples(*key)
+        if not self._cache[key][1]:
+            self._grid.set_data(viz.image_grid(images, nrow=len(images)))
+            self._title.set_text(f"DDIM, {self.num_steps} steps, eta = {key[0]:.1f}, w = {self.guidance_scale:g}, seed {key[1]}")
+            self._cache[key] = (images, figure_to_png(self._figure))
+        self.images = images
+        self.image.value = self._cache[key][1]
+        self.status.value = f"eta = {key[0]:.1f} · made in {time.perf_counter() - start:.2f} s (cached settings are instant)"
+
+    def _draw_fallback(self, etas: Sequence[float]) -> Figure:
+        seed = int(self.seed.value)
+        rows = [self.samples(float(eta), seed) for eta in etas]
+        return viz.show_image_rows(rows, [f"eta = {eta:g}" for eta in etas], size=0.8,
+                                   title=f"DDIM, {self.num_steps} steps: the same starting noise at several eta")
+
+
+def eta_explorer(model, schedule: NoiseSchedule, labels: Sequence[int] = tuple(range(10)), eta: float = 0.0,
+                 num_steps: int = 20, guidance_scale: float = 2.0, seed: int = 0, fallback: bool = True) -> EtaExplorer:
+    """An "eta" slider over DDIM samples of `labels` (one image each) from one starting noise.
+
+    Args:
+        model: a class-conditional `model(x_t, t, cond) -> eps_pred`, wrapped in guidance at guidance_scale.
+        eta: the starting value (0: the ODE, 1: DDPM's noise level); num_steps: DDIM steps.
+        fallback: keep a static figure (shown where widgets cannot run) with rows at eta = 0, 0.5 and 1.
+    Returns:
+        An EtaExplorer (an ipywidgets.VBox); see its attributes.
+    """
+    return EtaExplorer(model, schedule, labels, eta, num_steps, guidance_scale, seed, fallback=fallback)
+
+
 # --- Lesson 06: image-to-image ----------------------------------------------------------------
 
 class StrengthExplorer(StaticCopy, ipywidgets.VBox):

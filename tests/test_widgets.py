@@ -55,6 +55,23 @@ def test_guidance_explorer_names_the_classes_when_given(tiny_cond_unet):
         widgets.guidance_explorer(tiny_cond_unet, cosine_schedule(40), class_names=names[:3], fallback=False)
 
 
+def test_eta_explorer_adds_noise_only_above_zero_and_caches(tiny_cond_unet):
+    """Lesson 10's eta slider: eta = 0 is plain DDIM (the ODE: the seed of the added noise does not matter),
+    eta > 0 adds noise (a different picture from the same start); settings seen before are cached."""
+    from diffusion_course import guidance, sampling
+    explorer = widgets.eta_explorer(tiny_cond_unet, cosine_schedule(40), labels=[1, 2, 3], num_steps=4, fallback=False)
+    assert explorer.slider.description == "eta" and explorer.images.shape == (3, 1, 8, 8)
+    x_T = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    ddim = sampling.sample(guidance.guided(tiny_cond_unet, 2.0), x_T, cosine_schedule(40), sampler="ddim",
+                           sampling_steps=4, cond=torch.tensor([1, 2, 3]), clip_x0=1.0).clamp(-1, 1)
+    assert torch.allclose(explorer.images, ddim, atol=1e-6)
+    first = explorer.image.value
+    explorer.slider.value = 1.0
+    assert "eta = 1.0" in explorer.status.value and not torch.allclose(explorer.images, ddim, atol=1e-3)
+    explorer.slider.value = 0.0
+    assert explorer.image.value == first
+
+
 def test_strength_explorer(tiny_cond_unet):
     images = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
     explorer = widgets.strength_explorer(tiny_cond_unet, cosine_schedule(40), images, strength=0.5, num_steps=4,
