@@ -1,6 +1,7 @@
 """Interactive explorers for the notebooks (ipywidgets), ring 3: lesson 01's timestep explorer,
-lesson 04's reverse process, lesson 05's guidance scale, lesson 06's image-to-image strength, and
-lesson 09's studio (a text-to-image web UI: prompt, guidance, seed, start image, mask; Generate).
+lesson 04's reverse process, lesson 05's guidance scale (also lesson 07's, over CIFAR-10's classes),
+lesson 06's image-to-image strength, lesson 09's studio (a text-to-image web UI: prompt, guidance,
+seed, start image, mask; Generate) and lesson 10's eta, from the ODE to DDPM's noise.
 
 Each explorer is a widget (a VBox) that you display by making it the last line of a cell.
 Its picture is a PNG in an `ipywidgets.Image` that is redrawn in place when a slider moves,
