@@ -78,5 +78,21 @@ def test_score_derivation_accepts_tweedie_and_rejects_mistakes(t):
 
 
 def test_every_hint_has_three_tiers():
-    assert set(flow_checks.HINTS) == {"flow_matching_loss", "score_from_eps"}
+    assert set(flow_checks.HINTS) == {"flow_matching_loss", "score_from_eps", "x0_error_weight"}
     assert all(len(tiers) == 3 for tiers in flow_checks.HINTS.values())
+
+
+def test_x0_error_weights_match_the_measured_ratios_and_refuse_mix_ups():
+    """The derivation of section 10: eps, x0 and v predictions weigh the clean-image error by SNR, 1 and
+    SNR + 1. The tier-3 hint, run, passes the check; swapped or inverted weights do not."""
+    alpha_bar = torch.tensor([0.02, 0.3, 0.7, 0.98], dtype=torch.float64)
+    measured = flow_checks.x0_error_ratios(alpha_bar, torch.Generator().manual_seed(0))
+    namespace = {"torch": torch}
+    exec("def x0_error_weight(alpha_bar, prediction):\n    " + flow_checks.DERIVATION_HINTS["x0_error_weight"][2]
+         .replace("\n", "\n    "), namespace)
+    mine = torch.stack([namespace["x0_error_weight"](alpha_bar, n) for n in ("eps", "x0", "v")])
+    assert checks.check_derivation("weights", mine, measured, rtol=1e-6)
+    snr = alpha_bar / (1 - alpha_bar)
+    for wrong in (torch.stack([1 / snr, torch.ones_like(snr), snr + 1]), torch.stack([snr, torch.ones_like(snr), snr]),
+                  torch.stack([snr + 1, torch.ones_like(snr), snr])):
+        assert not checks.check_derivation("weights", wrong, measured, rtol=1e-6)

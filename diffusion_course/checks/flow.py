@@ -1,6 +1,7 @@
 """Lesson 10 (one ODE, many samplers): the checker and hints of the exercise flow_matching_loss,
-and the hints of the lesson's derivation, score_from_eps (checked with checks.check_derivation
-against the gradient of the toy mixture's exact log-density).
+and the hints of the lesson's derivations, score_from_eps (checked with checks.check_derivation
+against the gradient of the toy mixture's exact log-density) and x0_error_weight (against the
+ratios of squared errors that x0_error_ratios measures).
 
 Reference: flow.flow_matching_loss.
 """
@@ -29,6 +30,17 @@ HINTS = {
 }
 
 DERIVATION_HINTS = {
+    "x0_error_weight": (
+        "Each target (the noise, the clean image, or v) is a fixed linear mix of x_t and the clean image at a "
+        "given step. Write the clean-image guess that a predicted target implies, subtract it from the true "
+        "clean image, and see what factor multiplies the target's error.",
+        "With x_t = sqrt(a) x0 + sqrt(1 - a) eps: from eps, x0_hat = (x_t - sqrt(1 - a) eps_hat) / sqrt(a), so "
+        "x0 - x0_hat = sqrt((1 - a) / a) (eps_hat - eps); from v = sqrt(a) eps - sqrt(1 - a) x0, "
+        "x0_hat = sqrt(a) x_t - sqrt(1 - a) v_hat, so x0 - x0_hat = sqrt(1 - a) (v_hat - v). Square, and write "
+        "the factors with SNR = a / (1 - a).",
+        "snr = alpha_bar / (1 - alpha_bar)\n"
+        "return {\"eps\": snr, \"x0\": torch.ones_like(alpha_bar), \"v\": snr + 1}[prediction]",
+    ),
     "score_from_eps": (
         "Given which mixture component x0 came from, x_t is Gaussian. Write the gradient of the log of that "
         "Gaussian and compare it with the best guess of the noise given x_t: both are built from the same "
@@ -106,3 +118,20 @@ def score_by_autograd(x: Tensor, t: float, mixture: flow.GaussianMixture) -> Ten
     means = flow.GaussianMixture(mixture.means.double(), mixture.std, mixture.weights.double())
     log_p = flow.mixture_log_density(x, means, signal_scale=1 - t, noise_scale=t)
     return torch.autograd.grad(log_p.sum(), x)[0]
+
+
+def x0_error_ratios(alpha_bar: Tensor, generator: torch.Generator | None = None, size: int = 4096) -> Tensor:
+    """For each alpha_bar (a (T,) tensor): random clean data x0 and noise, and a wrong prediction of each
+    target (eps, x0, v); the squared error of the target divided by the squared error of the clean-image
+    guess it implies. Returns (3, T), rows in the order eps, x0, v (float64)."""
+    a = alpha_bar.double().view(-1, 1)
+    x0, eps = (torch.randn(len(a), size, generator=generator, dtype=torch.float64) for _ in range(2))
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    v = a.sqrt() * eps - (1 - a).sqrt() * x0
+    guesses = {name: target + torch.randn(target.shape, generator=generator, dtype=torch.float64)
+               for name, target in (("eps", eps), ("x0", x0), ("v", v))}
+    x0_hat = {"eps": (x_t - (1 - a).sqrt() * guesses["eps"]) / a.sqrt(), "x0": guesses["x0"],
+              "v": a.sqrt() * x_t - (1 - a).sqrt() * guesses["v"]}
+    targets = {"eps": eps, "x0": x0, "v": v}
+    return torch.stack([(targets[n] - guesses[n]).square().sum(1) / (x0 - x0_hat[n]).square().sum(1)
+                        for n in ("eps", "x0", "v")])
