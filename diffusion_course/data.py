@@ -1,11 +1,14 @@
-"""Ring 2: datasets as records, loading them as tensors in [-1, 1], and the files samples live in.
+"""Ring 2 and Lesson 07: datasets as records, loaded as tensors in [-1, 1], and the samples files.
 
-Used by lessons 00-06 (`load_dataset`), the training loop and the CLI. What is here:
+Used by lessons 00-10 (`load_dataset`), the training loop and the CLI; lesson 07 (colour images)
+has its learner write `pixels_to_model` and `random_hflip`. What is here:
 
 - `DATASETS`: one `DatasetInfo` per dataset (shape, class names, where its files come from).
 - `load_dataset(name, train, root, limit)`: a whole split as (N, C, H, W) float32 in [-1, 1].
 - `to_model_range` / `to_image_range` / `check_model_range`: the one place the [-1, 1] convention
-  is written down and checked, where data enters.
+  is written down and checked, where data enters; `pixels_to_model`: stored uint8 images (channels
+  last) to the model's (N, C, H, W) in [-1, 1].
+- `random_hflip`: left-right flips, the training loop's augmentation for photos.
 - `load_image`: one image file as a (1, C, size, size) tensor (the CLI's `edit --image`).
 - `save_samples` / `load_samples` / `SampleWriter`: the samples file (.npz with uint8 `images`
   (N, H, W) or (N, H, W, 3) and int64 `labels`, -1 = unlabelled, and for text-to-image samples

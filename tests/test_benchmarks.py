@@ -57,6 +57,18 @@ def test_train_speed_quick(tmp_path, capsys):
     assert {"cpu_flags", "torch", "load_average"} <= set(record["machine"])
 
 
+def test_colour_speed_quick(tmp_path, capsys):
+    from benchmarks import colour_speed
+    assert colour_speed.main(["--quick", "--out-dir", str(tmp_path)]) == 0
+    assert table_lines(capsys.readouterr().out)[0].split()[:3] == ["threads", "precision", "mnist_images_per_second"]
+    record = read_results(tmp_path, "colour_speed")
+    assert {row["precision"] for row in record["rows"]} == {"float32", "bfloat16"}
+    for row in record["rows"]:
+        assert row["mnist_images_per_second"] > 0 and row["cifar10_images_per_second"] > 0
+        assert row["mnist_per_cifar10"] == pytest.approx(row["mnist_images_per_second"] / row["cifar10_images_per_second"])
+    assert {"cpu", "cpu_flags", "load_average"} <= set(record["machine"])
+
+
 def test_train_speed_rejects_an_unknown_variant(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train_speed.main(["--quick", "--out-dir", str(tmp_path), "--only", "warp drive"])

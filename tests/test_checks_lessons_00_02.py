@@ -206,6 +206,7 @@ def test_welcome_table_names_each_lessons_module_and_exercises():
         "01": ("schedules", "q_sample", "cosine_alpha_bar"), "02": ("unet", "timestep_embedding", "res_block_forward"),
         "03": ("training", "diffusion_loss", "train_step"), "04": ("sampling", "ddpm_step", "ddim_step"),
         "05": ("guidance", "drop_labels", "guided_eps"), "06": ("editing", "img2img_start", "inpaint_step"),
+        "07": ("data", "pixels_to_model", "random_hflip"),
         "08": ("autoencoder", "sample_posterior", "kl_divergence", "measure_scale_factor"),
         "09": ("text", "clip_loss", "attention_maps"), "10": ("flow", "flow_matching_loss"),
     }

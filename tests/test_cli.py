@@ -150,6 +150,22 @@ def test_evaluate_prints_accuracy_and_frechet(run_dir, tmp_path, capsys):
     assert "Frechet distance:" in printed and "real-vs-real baseline:" in printed
 
 
+def test_the_shipped_cifar10_model_samples_colour_photos_that_evaluate_scores(data_root, tmp_path, capsys):
+    """Issue 14's command, small: `sample --checkpoint cifar10 --labels all` writes uint8 (N, 32, 32, 3) photos
+    and their labels; `evaluate` picks the CIFAR-10 classifier by the shape and reports accuracy and distances."""
+    out = tmp_path / "c.npz"
+    assert cli.main(["sample", "--checkpoint", "cifar10", "--num", "10", "--labels", "all", "--guidance", "3",
+                     "--steps", "4", "--out", str(out)]) == 0
+    images, labels = read_npz(out)
+    assert images.shape == (10, 32, 32, 3) and images.dtype == np.uint8
+    assert labels.tolist() == list(range(10)) and images.std() > 10          # ten classes, not blank pictures
+    capsys.readouterr()
+    assert cli.main(["evaluate", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "class accuracy:" in printed and "real-vs-real baseline:" in printed
+    assert checkpoints.load_checkpoint("cifar10").info["train_config"]["hflip"] is True
+
+
 def test_evaluate_rejects_a_file_that_is_not_samples(tmp_path, capsys):
     bad = tmp_path / "bad.npz"
     np.savez(bad, something=np.zeros(3))

@@ -16,6 +16,7 @@ One file per lesson, named after the module it checks, holds its checkers and th
     sampling.py   L04  check_ddpm_step, check_ddim_step
     guidance.py   L05  check_drop_labels, check_guided_eps
     editing.py    L06  check_img2img_start, check_inpaint_step
+    data.py       L07  check_pixels_to_model, check_random_hflip
     autoencoder.py L08 check_kl_divergence, check_sample_posterior, check_measure_scale_factor
     text.py       L09  check_clip_loss, check_attention_maps
     flow.py       L10  check_flow_matching_loss
@@ -25,10 +26,11 @@ _prompts.py holds hint, predict, reveal and check_derivation.
 
 from __future__ import annotations
 
-from . import autoencoder, editing, flow, guidance, sampling, schedules, text, training, unet
+from . import autoencoder, data, editing, flow, guidance, sampling, schedules, text, training, unet
 from ._harness import NOT_DONE, STRICT_ENV
 from ._prompts import check_derivation, predict, reveal, show_hint
 from .autoencoder import check_kl_divergence, check_measure_scale_factor, check_sample_posterior
+from .data import check_pixels_to_model, check_random_hflip
 from .editing import check_img2img_start, check_inpaint_step
 from .flow import check_flow_matching_loss
 from .guidance import check_drop_labels, check_guided_eps
@@ -38,7 +40,7 @@ from .text import check_attention_maps, check_clip_loss
 from .training import check_diffusion_loss, check_train_step
 from .unet import check_res_block_forward, check_timestep_embedding
 
-LESSONS = (schedules, unet, training, sampling, guidance, editing, autoencoder, text, flow)   # the checks files, in lesson order
+LESSONS = (schedules, unet, training, sampling, guidance, editing, data, autoencoder, text, flow)   # the checks files, in lesson order
 HINTS = {name: tiers for lesson in LESSONS for name, tiers in lesson.HINTS.items()}
 
 
@@ -53,7 +55,7 @@ __all__ = [
     "check_q_sample", "check_cosine_alpha_bar", "check_timestep_embedding", "check_res_block_forward",
     "check_diffusion_loss", "check_train_step", "check_ddpm_step", "check_ddim_step",
     "check_drop_labels", "check_guided_eps", "check_img2img_start", "check_inpaint_step",
-    "check_flow_matching_loss",
+    "check_flow_matching_loss", "check_pixels_to_model", "check_random_hflip",
     "check_kl_divergence", "check_sample_posterior", "check_measure_scale_factor",
     "check_clip_loss", "check_attention_maps",
 ]
