@@ -15,9 +15,7 @@ many MNIST images one CIFAR-10 image costs (the FLOP count alone says 5.23).
 from __future__ import annotations
 
 import functools
-import statistics
 import sys
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):      # run as `python benchmarks/colour_speed.py`
@@ -26,6 +24,7 @@ if __package__ in (None, ""):      # run as `python benchmarks/colour_speed.py`
 import torch
 
 from benchmarks import common
+from benchmarks.prompted_digits import median_seconds
 from diffusion_course import schedules, training
 from diffusion_course.unet import UNet, UNetConfig
 
@@ -40,12 +39,8 @@ def images_per_second(config: UNetConfig, *, batch_size: int, steps: int, autoca
     loss_fn = functools.partial(training.diffusion_loss, schedule=schedules.cosine_schedule(1000), min_snr_gamma=5.0)
     x0 = torch.randn(batch_size, config.in_channels, config.image_size, config.image_size).clamp(-1, 1)
     cond = torch.arange(batch_size) % 10
-    times = []
-    for _ in range(steps + 1):
-        start = time.perf_counter()
-        training.train_step(model, optimizer, x0, loss_fn, cond=cond, autocast_dtype=autocast_dtype)
-        times.append(time.perf_counter() - start)
-    return batch_size / statistics.median(times[1:])
+    step = lambda: training.train_step(model, optimizer, x0, loss_fn, cond=cond, autocast_dtype=autocast_dtype)
+    return batch_size / median_seconds(step, steps)
 
 
 def main(argv: list[str] | None = None) -> int:
