@@ -24,7 +24,6 @@ if __package__ in (None, ""):      # run as `python benchmarks/colour_speed.py`
 import torch
 
 from benchmarks import common
-from benchmarks.prompted_digits import median_seconds
 from diffusion_course import schedules, training
 from diffusion_course.unet import UNet, UNetConfig
 
@@ -40,7 +39,7 @@ def images_per_second(config: UNetConfig, *, batch_size: int, steps: int, autoca
     x0 = torch.randn(batch_size, config.in_channels, config.image_size, config.image_size).clamp(-1, 1)
     cond = torch.arange(batch_size) % 10
     step = lambda: training.train_step(model, optimizer, x0, loss_fn, cond=cond, autocast_dtype=autocast_dtype)
-    return batch_size / median_seconds(step, steps)
+    return batch_size / common.median_seconds(step, steps)
 
 
 def main(argv: list[str] | None = None) -> int:

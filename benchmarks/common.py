@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -87,6 +88,17 @@ def write_results(name: str, results: dict, out_dir: str | Path, command: list[s
     path = out_dir / f"{name}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     return path
+
+
+def median_seconds(action, repeats: int) -> float:
+    """Median wall time of `action()` over `repeats` calls, after one warm-up call."""
+    action()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        action()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def log(message: str) -> None:

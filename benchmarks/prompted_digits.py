@@ -42,7 +42,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -150,17 +149,6 @@ def red_interval(counts: torch.Tensor) -> list[float]:
     return [min(boot[0], wilson[0]), max(boot[1], wilson[1])]
 
 
-def median_seconds(action, repeats: int) -> float:
-    """Median wall time of `action()` over `repeats` calls, after one warm-up call."""
-    action()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        action()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def train_images_per_s(model, x0: torch.Tensor, ids: torch.Tensor, schedule, repeats: int) -> float:
     """Images per second of one training step: diffusion_loss, backward, AdamW step."""
     model.train()
@@ -172,7 +160,7 @@ def train_images_per_s(model, x0: torch.Tensor, ids: torch.Tensor, schedule, rep
         diffusion_loss(model, x0, schedule, cond=ids, generator=generator).backward()
         optimizer.step()
 
-    seconds = median_seconds(step, repeats)
+    seconds = common.median_seconds(step, repeats)
     model.eval()
     return len(x0) / seconds
 
@@ -183,7 +171,7 @@ def sample_images_per_s(model, schedule, shape: tuple, ids: torch.Tensor, args, 
                                     guidance_scale=args.guidance, sampler="dpm", sampling_steps=args.steps, seed=0,
                                     decode=decode, clip_x0=args.clip_x0 if decode is not None else 1.0,
                                     batch_size=len(ids))
-    return len(ids) / median_seconds(run, args.sample_repeats)
+    return len(ids) / common.median_seconds(run, args.sample_repeats)
 
 
 def speed_record(pipeline: generate.Pipeline, real: captions.PromptedDigits, args) -> dict:

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from . import captions, checkpoints, data, editing, metrics, runs, sampling, schedules
+from . import captions, checkpoints, data, editing, flow, metrics, runs, sampling, schedules
 from .generate import generate_to_file, image_shape, load_pipeline, prompt_ids
 from .guidance import guided
 from .threads import use_best_threads
@@ -87,20 +87,20 @@ def _add_train(p) -> None:
     p.set_defaults(run=run_train)
 
 
-def _add_generation(p, *, num: int, sampler: str, steps: int, out: str) -> None:
-    """The options `sample` and `edit` share."""
-    p.add_argument("--checkpoint", default="mnist", help="'mnist' (shipped) or a checkpoint/run folder")
+def _add_generation(p, *, num: int, sampler: str | None, steps: int | None, out: str) -> None:
+    """The options `sample` and `edit` share (None: the checkpoint's own, generate.Pipeline.sampling)."""
+    p.add_argument("--checkpoint", default="mnist", help="'mnist', 'mnist-fast', 'cifar10' (shipped) or a checkpoint/run folder")
     p.add_argument("--num", type=whole(1), default=num, help="how many images")
-    p.add_argument("--guidance", type=number(), default=3.0, help="guidance scale w (1: none)")
-    p.add_argument("--sampler", choices=sorted(sampling.SAMPLERS), default=sampler)
-    p.add_argument("--steps", type=whole(1), default=steps, help="model calls (ignored by ddpm, which takes all)")
+    p.add_argument("--guidance", type=number(), help="guidance scale w (1: none; default: the checkpoint's, else 3)")
+    p.add_argument("--sampler", choices=[*sampling.SAMPLERS, *flow.SAMPLERS], default=sampler, help="euler, heun: flow models")
+    p.add_argument("--steps", type=whole(1), default=steps, help="sampler steps (ignored by ddpm, which takes all)")
     p.add_argument("--seed", type=whole(0), default=0)
     p.add_argument("--out", default=out)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out (and its PNG)")
 
 
 def _add_sample(p) -> None:
-    _add_generation(p, num=100, sampler="dpm", steps=20, out="samples.npz")
+    _add_generation(p, num=100, sampler=None, steps=None, out="samples.npz")
     p.add_argument("--labels", help="'all' (spread over the classes; the default), 'none', or e.g. 3,7")
     p.add_argument("--negative", type=whole(0), help="a class to steer away from (negative condition)")
     p.add_argument("--prompt", action="append", help="text-to-image checkpoints: what to draw (repeat for several)")
@@ -114,8 +114,7 @@ def _add_edit(p) -> None:
     _add_generation(p, num=8, sampler="ddim", steps=50, out="edited.npz")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--image", help="a PNG/JPEG image (resized to the model's size; grey for MNIST)")
-    source.add_argument("--test-digit", "--test-image", dest="test_image", type=whole(0),
-                        help="index of an image of the checkpoint's test set")
+    source.add_argument("--test-digit", "--test-image", dest="test_image", type=whole(0), help="a test-set image's index")
     p.add_argument("--strength", type=number(0, 1), help="img2img: 0 keeps the image, 1 ignores it (default 0.6)")
     p.add_argument("--mask", choices=sorted(editing.MASKS), help="inpaint this region (regenerate it) instead of img2img")
     p.add_argument("--label", type=whole(0), help="class to steer towards (default: unconditional)")
@@ -170,10 +169,11 @@ def run_train(args) -> int:
 def run_sample(args) -> int:
     pipeline = load_pipeline(args.checkpoint, args.device)
     cond, negative, prompts = _conditions(args, pipeline.model)
+    how = {k: pipeline.sampling[k] if getattr(args, k) is None else getattr(args, k) for k in ("sampler", "steps", "guidance")}
     start = time.perf_counter()
     path = generate_to_file(args.out, pipeline.model, pipeline.schedule, num=args.num, shape=pipeline.shape, cond=cond,
-                            overwrite=args.overwrite, guidance_scale=args.guidance, negative=negative, prompts=prompts,
-                            sampler=args.sampler, sampling_steps=args.steps, seed=args.seed, decode=pipeline.decode,
+                            overwrite=args.overwrite, guidance_scale=how["guidance"], negative=negative, prompts=prompts,
+                            sampler=how["sampler"], sampling_steps=how["steps"], seed=args.seed, decode=pipeline.decode,
                             images_shape=pipeline.images_shape, clip_x0=None if pipeline.decode else 1.0,
                             batch_size=args.batch_size, device=args.device, progress=args.num > 100)
     print(f"wrote {args.num} samples of {pipeline.path} to {path} (and its PNG) in {time.perf_counter() - start:.1f} s")
@@ -196,8 +196,8 @@ def run_edit(args) -> int:
     if args.mask is not None and args.strength is not None:
         raise ValueError("Give --strength (image-to-image) or --mask (inpainting), not both.")
     checkpoint = checkpoints.load_checkpoint(args.checkpoint)
-    if not isinstance(checkpoint.model, UNet) or hasattr(checkpoint.model, "tokenizer"):
-        raise ValueError("edit takes a class-conditional pixel model such as 'mnist' (text-to-image editing: lesson 09's studio).")
+    if not isinstance(checkpoint.model, UNet) or hasattr(checkpoint.model, "tokenizer") or checkpoint.schedule is None:
+        raise ValueError("edit takes a class-conditional pixel model with a noise schedule, such as 'mnist' (text-to-image editing: lesson 09).")
     model, (channels, size, _) = checkpoint.model, image_shape(checkpoint.model)
     labels = data.parse_labels("none" if args.label is None else str(args.label), args.num, model.null_class, "--label")
     data.check_free(args.out, args.overwrite)            # before any work: never overwrite without asking
@@ -206,7 +206,7 @@ def run_edit(args) -> int:
     images = image.expand(args.num, -1, -1, -1).contiguous()
     options = dict(sampler=args.sampler, sampling_steps=args.steps, cond=labels,
                    generator=torch.Generator().manual_seed(args.seed))
-    model = model if labels is None else guided(model, args.guidance)
+    model = model if labels is None else guided(model, 3.0 if args.guidance is None else args.guidance)
     if args.mask is not None:
         out = editing.inpaint(model, images, editing.make_mask(args.mask, size), checkpoint.schedule, **options)
     else:

@@ -157,6 +157,9 @@ def heun_sample(model, noise: Tensor, times: list[float] | None = None, *, cond:
     return x
 
 
+SAMPLERS = {"euler": euler_sample, "heun": heun_sample}   # generate's names for the flow samplers
+
+
 def _velocity_and_x0(model, x: Tensor, t: float, cond, clip_x0) -> tuple[Tensor, Tensor]:
     """v(x, t) and the clean point it implies, x0_pred = x - t v (Eqs. 1-2 with noise = x0 + v);
     with clip_x0 = r, x0_pred is clamped and v recomputed as (x - x0_pred) / t."""

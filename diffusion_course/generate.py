@@ -13,6 +13,8 @@ What it takes care of, so no caller writes it again:
 - guidance: the model is wrapped with `guidance.guided`, which leaves an unconditional model
   (or w = 1 without a negative condition) as it is;
 - the DDPM rule: DDPM visits every step, so `sampling_steps` counts only for DDIM and DPM-Solver++;
+- flow-matching models (lesson 10; schedule None): the ODE samplers "euler" and "heun" over
+  `sampling_steps` even steps of t from 1 to 0 (Heun calls the model twice per step);
 - the device, and channels-last activations on a CPU (the order oneDNN's convolutions run
   fastest on; the same images up to float rounding; benchmarks/sample_speed.py measures it);
 - an optional `decode` step (latent diffusion decodes latents into images);
@@ -30,10 +32,12 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import checkpoints, data, sampling
+from . import checkpoints, data, flow, sampling
 from .guidance import guided
 from .schedules import NoiseSchedule
 from .unet import UNet
+
+DEFAULT_SAMPLING = {"sampler": "dpm", "steps": 20, "guidance": 3.0}   # for a checkpoint that names none
 
 
 def generate(model, schedule: NoiseSchedule, **options) -> Tensor:
@@ -41,7 +45,7 @@ def generate(model, schedule: NoiseSchedule, **options) -> Tensor:
     return torch.cat([images for _, images in generate_batches(model, schedule, **options)])
 
 
-def generate_batches(model, schedule: NoiseSchedule, *, num: int, shape: tuple, cond: Tensor | None = None,
+def generate_batches(model, schedule: NoiseSchedule | None, *, num: int, shape: tuple, cond: Tensor | None = None,
                      guidance_scale: float = 1.0, negative: int | Tensor | None = None, sampler: str = "dpm",
                      sampling_steps: int | None = None, seed: int = 0, batch_size: int = 100,
                      device: str | torch.device = "cpu", decode: Callable[[Tensor], Tensor] | None = None,
@@ -52,7 +56,9 @@ def generate_batches(model, schedule: NoiseSchedule, *, num: int, shape: tuple, 
         shape: (C, H, W) of what the model denoises (pixels, or latents when `decode` is given).
         cond: (num,) labels (or (num, ...) conditions), or None for unconditional samples.
         guidance_scale: classifier-free guidance w (1: none); negative: a condition to steer away from.
-        sampler: "ddpm", "ddim" or "dpm"; sampling_steps: model calls (None: the sampler's default).
+        schedule: the model's noise schedule, or None for a flow-matching model (lesson 10).
+        sampler: "ddpm", "ddim" or "dpm"; "euler" or "heun" for a flow-matching model.
+        sampling_steps: sampler steps (None: the sampler's default).
         decode: maps the sampler's output to images (e.g. an autoencoder's decoder).
         clip_x0: the data range the sampler clamps its x0 guesses to (None for latents).
     Yields:
@@ -60,22 +66,18 @@ def generate_batches(model, schedule: NoiseSchedule, *, num: int, shape: tuple, 
         there is no decode step).
     """
     _check_options(num, shape, cond, guidance_scale, seed, batch_size)
-    if not isinstance(schedule, NoiseSchedule):
-        raise ValueError(f"These samplers need the noise schedule the model was trained with, got {schedule!r} "
-                         "(a checkpoint without a 'schedule' in its config.json cannot be sampled this way).")
+    sample, num_steps = _sampler(sampler, schedule, sampling_steps)
     generator = torch.Generator(device).manual_seed(seed)
     x_T = torch.randn(num, *shape, generator=generator, device=device)
     cond = None if cond is None else cond.to(device)
     model = guided(model, guidance_scale, negative)
-    timesteps = sampling.timestep_grid(sampler, schedule, None if sampler == "ddpm" else sampling_steps)
-    bar = tqdm(total=len(range(0, num, batch_size)) * len(timesteps), disable=not progress, unit="step",
+    bar = tqdm(total=len(range(0, num, batch_size)) * num_steps, disable=not progress, unit="step",
                desc=f"sampling {num} with {sampler}")
     with _fast_layout(model, device), torch.no_grad(), bar:
         for start in range(0, num, batch_size):
             part = slice(start, start + batch_size)
-            x = sampling.SAMPLERS[sampler](model, x_T[part], schedule, timesteps, generator=generator,
-                                           cond=None if cond is None else cond[part], clip_x0=clip_x0,
-                                           callback=lambda step: _tick(bar))
+            x = sample(model, x_T[part], generator=generator, cond=None if cond is None else cond[part],
+                       clip_x0=clip_x0, callback=lambda step: _tick(bar))
             yield start, _finish(x if decode is None else decode(x), 1.0 if decode is not None else clip_x0)
 
 
@@ -95,10 +97,29 @@ def generate_to_file(path, model, schedule: NoiseSchedule, *, num: int, shape: t
     return writer.path
 
 
+def _sampler(sampler: str, schedule: NoiseSchedule | None, sampling_steps: int | None) -> tuple[Callable, int]:
+    """(sample(model, x_T, **options), number of sampler steps) for a diffusion or a flow-matching model."""
+    if schedule is None:
+        if sampler not in flow.SAMPLERS:
+            raise ValueError(f"A flow-matching model (no noise schedule) is sampled with {sorted(flow.SAMPLERS)}, "
+                             f"got {sampler!r}.")
+        times = flow.flow_time_grid(flow.DEFAULT_FLOW_STEPS if sampling_steps is None else sampling_steps)
+        return (lambda model, x, **options: flow.SAMPLERS[sampler](model, x, times, **options)), len(times) - 1
+    if not isinstance(schedule, NoiseSchedule):
+        raise ValueError(f"These samplers need the noise schedule the model was trained with (or None for a "
+                         f"flow-matching model), got {schedule!r}.")
+    if sampler in flow.SAMPLERS:
+        raise ValueError(f"{sampler!r} integrates a flow-matching model's ODE; this model predicts noise on a "
+                         f"schedule: use one of {sorted(sampling.SAMPLERS)}.")
+    timesteps = sampling.timestep_grid(sampler, schedule, None if sampler == "ddpm" else sampling_steps)
+    return (lambda model, x, **options: sampling.SAMPLERS[sampler](model, x, schedule, timesteps, **options)), \
+        len(timesteps)
+
+
 class Pipeline(NamedTuple):
     """Everything needed to make images with a checkpoint (what `load_pipeline` returns)."""
-    model: nn.Module                          # the denoiser: model(x_t, t, cond) -> eps
-    schedule: NoiseSchedule                   # the noise schedule it was trained with
+    model: nn.Module                          # the denoiser: model(x_t, t, cond) -> eps (or velocity)
+    schedule: NoiseSchedule | None            # the noise schedule it was trained with (None: flow matching)
     shape: tuple[int, int, int]               # (C, H, W) of what it denoises: pixels, or latents
     autoencoder: nn.Module | None             # a latent model's autoencoder (lesson 08), else None
     images_shape: tuple[int, int, int]        # (C, H, W) of the images it makes (after decode)
@@ -110,6 +131,13 @@ class Pipeline(NamedTuple):
         """latents -> images in [-1, 1] (the autoencoder's decoder), or None for a pixel model."""
         return None if self.autoencoder is None else self.autoencoder.decode_latents
 
+    @property
+    def sampling(self) -> dict:
+        """The sampler, steps and guidance to use unless asked otherwise: the checkpoint's own
+        (config.json "sampling", e.g. a distilled model's) over the course's defaults."""
+        default = DEFAULT_SAMPLING if self.schedule is not None else {**DEFAULT_SAMPLING, "sampler": "euler"}
+        return {**default, **self.info.get("sampling", {})}
+
 
 def load_pipeline(name: str | Path, device: str | torch.device = "cpu") -> Pipeline:
     """A checkpoint ready for `generate`: a pixel-space U-Net as it is; a latent model (its config.json
@@ -117,10 +145,10 @@ def load_pipeline(name: str | Path, device: str | torch.device = "cpu") -> Pipel
     decode step, as Stable Diffusion decodes its latents with its VAE."""
     checkpoint = checkpoints.load_checkpoint(name, device)
     model, info = checkpoint.model, checkpoint.info
-    if not isinstance(model, UNet) or checkpoint.schedule is None:
+    if not isinstance(model, UNet) or (checkpoint.schedule is None and info.get("objective") != "flow"):
         raise ValueError(f"{checkpoint.path} holds a {info.get('type', 'unet')!r} model, not a diffusion model "
-                         "with its noise schedule: it makes no images by itself (the shipped diffusion models: "
-                         "'mnist' and 'prompted-digits').")
+                         "with its noise schedule (nor a flow-matching one): it makes no images by itself (the "
+                         "shipped ones: 'mnist', 'mnist-fast', 'cifar10' and 'prompted-digits').")
     if info.get("autoencoder") is None:
         shape = image_shape(model)
         return Pipeline(model, checkpoint.schedule, shape, None, shape, info, checkpoint.path)

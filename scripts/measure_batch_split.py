@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.prompted_digits import median_seconds  # noqa: E402  (median after one warm-up call)
+from benchmarks import common  # noqa: E402  (median_seconds: the median after one warm-up call)
 from diffusion_course import checkpoints, data, sampling, schedules  # noqa: E402
 from diffusion_course.unet import UNet, UNetConfig  # noqa: E402
 
@@ -86,7 +86,7 @@ def main() -> None:
         for workload, action, repeats in (("train step", train, 6), ("sample batch", sample, 2)):
             for name, threads, split in ways:
                 torch.set_num_threads(threads)
-                cells.append(f"{workload}, {name}: {median_seconds(lambda: action(split), repeats):.3f} s")
+                cells.append(f"{workload}, {name}: {common.median_seconds(lambda: action(split), repeats):.3f} s")
         if busy:
             busy.terminate()
             busy.wait()

@@ -5,6 +5,7 @@ import contextlib
 import pytest
 import torch
 
+from diffusion_course import checkpoints, flow
 from diffusion_course import generate as generate_module
 from diffusion_course.generate import generate, generate_batches
 from diffusion_course.schedules import cosine_schedule
@@ -79,7 +80,8 @@ def test_channels_last_layout_gives_the_same_images_and_is_undone():
     ({"guidance_scale": float("nan")}, "guidance_scale must be a finite number"),
     ({"shape": (8, 8)}, r"shape must be \(C, H, W\)"),
     ({"cond": torch.tensor([1, 2, 3])}, "cond must be a tensor with one condition per image"),
-    ({"sampler": "euler"}, "Unknown sampler 'euler'"),
+    ({"sampler": "warp"}, "Unknown sampler 'warp'"),
+    ({"sampler": "euler"}, "'euler' integrates a flow-matching model's ODE; this model predicts noise"),
 ])
 def test_bad_options_rejected(tiny_cond_unet, options, message):
     kwargs = {"num": 2, "shape": (1, 8, 8), "sampler": "ddim", "sampling_steps": 2, **options}
@@ -99,7 +101,42 @@ def test_progress_bar_ticks_once_per_sampler_step_of_each_batch(tiny_unet, capsy
     assert "8/8" in capsys.readouterr().err                       # 2 batches x 4 steps
 
 
-def test_a_model_without_a_schedule_is_refused_clearly(tiny_unet):
-    """A checkpoint may carry no schedule (a flow-matching model); the samplers here need one."""
-    with pytest.raises(ValueError, match="need the noise schedule the model was trained with"):
+def test_a_model_without_a_schedule_is_sampled_as_a_flow_model_with_euler_or_heun_only(tiny_unet):
+    """schedule None means a flow-matching model (lesson 10): only the ODE samplers apply."""
+    with pytest.raises(ValueError, match=r"flow-matching model \(no noise schedule\) is sampled with \['euler', 'heun'\]"):
         generate(tiny_unet, None, num=2, shape=(1, 8, 8), sampler="ddim", sampling_steps=2)
+    with pytest.raises(ValueError, match="noise schedule the model was trained with"):
+        generate(tiny_unet, "cosine", num=2, shape=(1, 8, 8), sampler="ddim", sampling_steps=2)
+
+
+@pytest.mark.parametrize("sampler, calls_per_step", [("euler", 1), ("heun", 2)])
+def test_flow_models_run_the_ode_samplers_over_an_even_time_grid(sampler, calls_per_step, capsys):
+    """generate with schedule None is flow.euler_sample / heun_sample over flow_time_grid(steps), with
+    the same seeded noise; the progress bar counts sampler steps."""
+    times = []
+
+    def model(x, t, cond=None):
+        times.append(float(t[0]) / flow.TIME_SCALE)
+        return 0.5 * x
+
+    images = generate(model, None, num=3, shape=(1, 4, 4), sampler=sampler, sampling_steps=4, progress=True,
+                      clip_x0=None)
+    expected_times = [1.0, 0.75, 0.5, 0.25] if sampler == "euler" else [1.0, 0.75, 0.75, 0.5, 0.5, 0.25, 0.25, 0.0]
+    assert times == pytest.approx(expected_times) and len(times) == 4 * calls_per_step
+    assert "4/4" in capsys.readouterr().err
+    noise = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    reference = flow.SAMPLERS[sampler](model, noise, flow.flow_time_grid(4))
+    torch.testing.assert_close(images, reference)
+
+
+def test_a_flow_checkpoint_loads_as_a_pipeline_with_its_own_sampling(tmp_path, tiny_cond_unet):
+    checkpoints.save_checkpoint(tmp_path / "plain", tiny_cond_unet, None)
+    with pytest.raises(ValueError, match="not a diffusion model with its noise schedule"):
+        generate_module.load_pipeline(tmp_path / "plain")
+    checkpoints.save_checkpoint(tmp_path / "fast", tiny_cond_unet, None,
+                                info={"objective": "flow", "sampling": {"sampler": "euler", "steps": 2, "guidance": 1.0}})
+    pipeline = generate_module.load_pipeline(tmp_path / "fast")
+    assert pipeline.schedule is None and pipeline.sampling == {"sampler": "euler", "steps": 2, "guidance": 1.0}
+    checkpoints.save_checkpoint(tmp_path / "flow", tiny_cond_unet, None, info={"objective": "flow"})
+    assert generate_module.load_pipeline(tmp_path / "flow").sampling == {"sampler": "euler", "steps": 20, "guidance": 3.0}
+    assert generate_module.load_pipeline("mnist").sampling == generate_module.DEFAULT_SAMPLING

@@ -10,7 +10,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "diffusion_course"
 
 # Ring 1, in lesson order: each module may import only the ones before it.
-LESSONS = ["schedules", "unet", "training", "sampling", "guidance", "editing", "autoencoder", "text", "flow"]
+LESSONS = ["schedules", "unet", "training", "sampling", "guidance", "editing", "autoencoder", "text", "flow", "distill"]
 RUNNING = {"data", "checkpoints", "runs", "generate", "metrics", "threads", "captions"}
 FRONT_ENDS = {"cli", "viz", "widgets", "checks"}
 MAX_BODY_LINES = 40
