@@ -58,3 +58,29 @@ def reflow_loss(model: nn.Module, pairs: Tensor, *, cond: Tensor | None = None, 
                          f"{getattr(pairs, 'shape', type(pairs).__name__)}.")
     x0, noise = pairs.chunk(2, dim=1)
     return flow.flow_matching_loss(model, x0, cond=cond, t=t, noise=noise, generator=generator)
+
+
+class LabelledMixtureVelocity(nn.Module):
+    """Lesson 10's toy with labels: label k means "component k", so its exact velocity is that one
+    Gaussian's; the null label (K) means "any component", the whole mixture's. A conditional model
+    with the course's contract (model(x_t, 1000 t, cond), null_cond), so guidance wraps it as it
+    wraps the U-Net. x: (B, D); cond: (B,) labels in [0, K]."""
+
+    def __init__(self, mixture: flow.GaussianMixture):
+        super().__init__()
+        self.mixture = mixture
+        self.null_class = len(mixture.weights)
+
+    def null_cond(self, batch_size: int, device=None) -> Tensor:
+        return torch.full((batch_size,), self.null_class, dtype=torch.long, device=device)
+
+    def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+        cond = self.null_cond(len(x), x.device) if cond is None else cond
+        t = (t / flow.TIME_SCALE).to(x.dtype).expand(len(x))
+        out = flow.mixture_velocity(x, t, self.mixture)
+        for k in cond.unique().tolist():
+            if k != self.null_class:
+                rows = cond == k
+                one = flow.GaussianMixture(self.mixture.means[k:k + 1], self.mixture.std, torch.ones(1))
+                out[rows] = flow.mixture_velocity(x[rows], t[rows], one)
+        return out

@@ -3,7 +3,8 @@
     python scripts/train_mnist_fast.py teacher --minutes 30      # a flow-matching U-Net (lesson 10)
     python scripts/train_mnist_fast.py pairs --num 20000         # the teacher's guided ODE: noise -> digit
     python scripts/train_mnist_fast.py student --minutes 20      # reflow on those pairs, guidance folded in
-    python scripts/train_mnist_fast.py ship                      # -> diffusion_course/pretrained/mnist-fast
+    python scripts/train_mnist_fast.py ship --stage teacher      # -> diffusion_course/pretrained/mnist-flow
+    python scripts/train_mnist_fast.py ship --stage student      # -> diffusion_course/pretrained/mnist-fast
 
 The teacher is lesson 10's recipe (class-conditional flow matching with label dropout, so that it
 can be guided). `pairs` integrates the teacher's guided ODE (Heun, --teacher-steps steps, guidance
@@ -30,7 +31,7 @@ from diffusion_course.threads import use_best_threads  # noqa: E402
 from diffusion_course.unet import UNet, UNetConfig  # noqa: E402
 
 RUNS = Path("runs/mnist-fast")
-SHIPPED = "mnist-fast"
+SHIPPED = {"teacher": "mnist-flow", "student": "mnist-fast"}
 
 
 def main(argv=None) -> int:
@@ -45,13 +46,14 @@ def main(argv=None) -> int:
     parser.add_argument("--guidance", type=float, default=distill.DEFAULT_TEACHER_GUIDANCE, help="pairs: the teacher's w")
     parser.add_argument("--teacher-steps", type=int, default=distill.DEFAULT_TEACHER_STEPS, help="pairs: Heun steps")
     parser.add_argument("--chunk", type=int, default=1000, help="pairs: saved every this many")
-    parser.add_argument("--run", default="student", help="student/ship: the run folder's name under runs/mnist-fast")
+    parser.add_argument("--run", help="student/ship: the run folder's name under runs/mnist-fast (default: the stage's)")
+    parser.add_argument("--stage", dest="ship_stage", choices=sorted(SHIPPED), help="ship: which model")
     parser.add_argument("--fresh", action="store_true", help="start the stage over instead of resuming")
     args = parser.parse_args(argv)
     use_best_threads()
     start = time.perf_counter()
     if args.stage == "ship":
-        return ship(args.run)
+        return ship(args.ship_stage, args.run or args.ship_stage)
     if args.stage == "pairs":
         return make_pairs(args)
     result = train_teacher(args) if args.stage == "teacher" else train_student(args)
@@ -112,18 +114,21 @@ def train_student(args) -> runs.TrainResult:
     info = {"dataset": "mnist", "objective": "flow", "distilled": "reflow", "teacher_guidance": pairs["guidance"],
             "teacher_steps": pairs["teacher_steps"], "pairs": len(pairs["labels"])}
     return runs.train(student, torch.cat([pairs["x0"], pairs["noise"]], dim=1), distill.reflow_loss,
-                      labels=pairs["labels"], config=_config(args, 1e-3, 0.0), out_dir=RUNS / args.run,
+                      labels=pairs["labels"], config=_config(args, 1e-3, 0.0), out_dir=RUNS / (args.run or "student"),
                       resume=not args.fresh, info=info)
 
 
-def ship(run: str) -> int:
-    """The student's EMA weights into the package, with the sampling it was distilled for."""
+def ship(stage: str | None, run: str | None) -> int:
+    """A run's EMA weights into the package (no optimizer state), with the sampling to use by default:
+    the teacher's is how it made the pairs, the student's the few Euler steps it was distilled for."""
+    if stage is None:
+        raise SystemExit("ship needs --stage teacher or student")
     checkpoint = checkpoints.load_checkpoint(RUNS / run)
     info = {k: v for k, v in checkpoint.info.items() if k not in checkpoints.RESERVED_KEYS}
-    info["sampling"] = distill.FAST_SAMPLING
-    out = checkpoints.PRETRAINED_DIR / SHIPPED
-    checkpoints.save_checkpoint(out, checkpoint.model, None, step=checkpoint.info.get("step", 0), info=info,
-                                overwrite=True)
+    info["sampling"] = distill.FAST_SAMPLING if stage == "student" else {
+        "sampler": "heun", "steps": distill.DEFAULT_TEACHER_STEPS, "guidance": distill.DEFAULT_TEACHER_GUIDANCE}
+    out = checkpoints.PRETRAINED_DIR / SHIPPED[stage]
+    checkpoints.save_checkpoint(out, checkpoint.model, None, step=checkpoint.info.get("step", 0), info=info)
     print(f"shipped {RUNS / run} to {out}")
     return 0
 

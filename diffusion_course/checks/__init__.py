@@ -20,17 +20,19 @@ One file per lesson, named after the module it checks, holds its checkers and th
     autoencoder.py L08 check_kl_divergence, check_sample_posterior, check_measure_scale_factor
     text.py       L09  check_clip_loss, check_attention_maps
     flow.py       L10  check_flow_matching_loss
+    distill.py    L11  check_teacher_digits, check_reflow_loss
 
 _prompts.py holds hint, predict, reveal and check_derivation.
 """
 
 from __future__ import annotations
 
-from . import autoencoder, data, editing, flow, guidance, sampling, schedules, text, training, unet
+from . import autoencoder, data, distill, editing, flow, guidance, sampling, schedules, text, training, unet
 from ._harness import NOT_DONE, STRICT_ENV
 from ._prompts import check_derivation, predict, reveal, show_hint
 from .autoencoder import check_kl_divergence, check_measure_scale_factor, check_sample_posterior
 from .data import check_pixels_to_model, check_random_hflip
+from .distill import check_reflow_loss, check_teacher_digits
 from .editing import check_img2img_start, check_inpaint_step
 from .flow import check_flow_matching_loss
 from .guidance import check_drop_labels, check_guided_eps
@@ -40,7 +42,7 @@ from .text import check_attention_maps, check_clip_loss
 from .training import check_diffusion_loss, check_train_step
 from .unet import check_res_block_forward, check_timestep_embedding
 
-LESSONS = (schedules, unet, training, sampling, guidance, editing, data, autoencoder, text, flow)   # the checks files, in lesson order
+LESSONS = (schedules, unet, training, sampling, guidance, editing, data, autoencoder, text, flow, distill)   # the checks files, in lesson order
 HINTS = {name: tiers for lesson in LESSONS for name, tiers in lesson.HINTS.items()}
 
 
@@ -57,5 +59,5 @@ __all__ = [
     "check_drop_labels", "check_guided_eps", "check_img2img_start", "check_inpaint_step",
     "check_flow_matching_loss", "check_pixels_to_model", "check_random_hflip",
     "check_kl_divergence", "check_sample_posterior", "check_measure_scale_factor",
-    "check_clip_loss", "check_attention_maps",
+    "check_clip_loss", "check_attention_maps", "check_teacher_digits", "check_reflow_loss",
 ]
