@@ -98,9 +98,13 @@ def test_samplers_rejects_an_unknown_sampler(capsys):
 def test_time_to_quality_quick(tmp_path, capsys, data_root):
     assert time_to_quality.main(["--quick", "--out-dir", str(tmp_path), "--num", "10"]) == 0
     lines = table_lines(capsys.readouterr().out)
-    assert lines[0].split()[:3] == ["minutes", "step", "train_seconds"] and len(lines) == 3
+    assert lines[0].split()[:3] == ["minutes", "step", "train_seconds"] and len(lines) == 4
     record = read_results(tmp_path, "time_to_quality")
-    assert set(record["marks"]) == {"0.02_min", "0.04_min"}
+    assert set(record["marks"]) == {"0.02_min", "0.04_min", "32_images"}
+    images = record["marks"]["32_images"]       # a second run from scratch, budgeted in images: 2 steps of 16
+    assert images["step"] == 2 and images["images_seen"] == 32 and images["minutes"] is None
+    assert record["accuracy_at_32_images"] == images["accuracy"]
+    assert record["frechet_over_baseline_at_32_images"] == images["frechet_over_baseline"] > 0
     first, second = record["marks"]["0.02_min"], record["marks"]["0.04_min"]
     assert 0 < first["step"] <= second["step"]          # the second piece resumed the first
     assert 0 <= record["accuracy_at_0.04_min"] <= 1 and record["frechet_at_0.04_min"] > 0
@@ -111,6 +115,8 @@ def test_time_to_quality_quick(tmp_path, capsys, data_root):
 def test_time_to_quality_rejects_bad_marks(text):
     with pytest.raises(ValueError, match="--minutes"):
         time_to_quality.parse_marks(text)
+    with pytest.raises(ValueError, match="--images must be"):
+        time_to_quality.parse_marks(text, "--images")
 
 
 def test_recipes_quick(tmp_path, capsys, data_root):
@@ -125,8 +131,21 @@ def test_recipes_quick(tmp_path, capsys, data_root):
     assert 0 <= default["accuracy"] <= 1 and default["frechet"] > 0
 
 
+def test_recipes_with_an_image_budget_and_flow_matching(tmp_path, capsys, data_root):
+    """--images gives every recipe the same training images (steps = images / batch size, rounded up);
+    objective=flow trains lesson 10's flow matching and samples it with Heun."""
+    assert recipes.main(["--quick", "--images", "20000", "--out-dir", str(tmp_path), "--recipe", "flow:objective=flow",
+                         "--recipe", "small:batch_size=8"]) == 0
+    record = read_results(tmp_path, "recipes")
+    flow_row, small = record["recipes"]["flow"], record["recipes"]["small"]
+    assert flow_row["objective"] == "flow" and flow_row["train_config"]["min_snr_gamma"] is None
+    assert (flow_row["steps"], flow_row["images_seen"]) == (3, 48)      # quick: 48 images at batch 16
+    assert (small["steps"], small["images_seen"]) == (6, 48) and small["objective"] == "eps"
+    assert 0 <= flow_row["accuracy"] <= 1 and flow_row["frechet"] > 0
+
+
 @pytest.mark.parametrize("text, message", [("nocolon", "NAME:KEY=VALUE"), ("x:learning_rate=1", "unknown setting"),
-                                           ("x:lr=fast", "lr must be a number")])
+                                           ("x:lr=fast", "lr must be a number"), ("x:objective=v", "objective must be one of")])
 def test_recipes_rejects_bad_recipes(text, message):
     with pytest.raises(ValueError, match=message):
         recipes.parse_recipe(text)
