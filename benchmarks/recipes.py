@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--steps and --images must be at least 1 and --num at least 2.")
 
     info = common.machine_info()
-    common.log(f"recipes: {len(recipes)} x {args.steps} steps, {args.num} samples each; "
+    budget = f"{args.steps} steps" if args.images is None else f"{args.images} training images"
+    common.log(f"recipes: {len(recipes)} x {budget}, {args.num} samples each; "
                f"load average {info['load_average']}")
     dataset = data.load_dataset("mnist", limit=limit)
     rows, per_recipe = [], {}

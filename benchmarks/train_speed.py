@@ -12,7 +12,11 @@ the best round counts.
 
 It also counts the model's FLOPs per training step (forward and backward, with
 torch.utils.flop_counter: convolutions and matmuls only) and compares the FLOP rate the
-train path reaches with the measured peak of a large matmul, in float32 and in bfloat16.
+train path reaches with the measured peak of a large matmul, in float32 and in bfloat16;
+fraction_of_matmul_peak is the one for the dtype runs.train computes in (bfloat16 only where
+the CPU has native bfloat16 units, runs.pick_autocast_dtype). Where the rest of the time goes:
+torch.profiler over a few training steps, each operator's own CPU time summed into groups
+(convolutions, matrix products, normalisation, activations, the optimizer, the rest).
 """
 
 from __future__ import annotations
@@ -152,6 +156,33 @@ def matmul_peak(dtype: torch.dtype, size: int, repeats: int) -> float:
     return 2 * size**3 / best
 
 
+# Operator-name fragments -> group, first match wins (profiler names such as aten::convolution_backward).
+OP_GROUPS = [("convolutions", ("conv",)), ("matrix products", ("mm", "matmul", "linear", "bmm", "baddbmm")),
+             ("normalisation", ("group_norm", "layer_norm", "norm")), ("activations", ("silu", "gelu", "softmax")),
+             ("optimizer (AdamW, EMA, clipping)", ("foreach", "adam", "lerp", "clip"))]
+
+
+def time_breakdown(images, labels, batch_size: int, steps: int) -> dict[str, float]:
+    """The share of the CPU time of `steps` training steps (after one warm-up step) spent in each group
+    of OP_GROUPS, from each operator's self time under torch.profiler."""
+    torch.manual_seed(0)
+    model = UNet(MODEL_CONFIG).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    loss_fn = functools.partial(training.diffusion_loss, schedule=schedules.cosine_schedule(), min_snr_gamma=5.0)
+    step = lambda: training.train_step(model, optimizer, images[:batch_size], loss_fn, cond=labels[:batch_size])
+    step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        for _ in range(steps):
+            step()
+    totals = {name: 0.0 for name, _ in OP_GROUPS} | {"everything else": 0.0}
+    for event in profile.key_averages():
+        name = event.key.lower()
+        group = next((g for g, fragments in OP_GROUPS if any(f in name for f in fragments)), "everything else")
+        totals[group] += event.self_cpu_time_total
+    whole = sum(totals.values()) or 1.0
+    return {group: round(t / whole, 3) for group, t in totals.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = common.make_parser(__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant and round")
@@ -194,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     peak_bf16 = matmul_peak(torch.bfloat16, 256 if args.quick else 1024, 1 if args.quick else 3)
     flops = flops_per_step(args.batch_size)
     achieved = flops / args.batch_size * train_path
+    peak_used = peak_bf16 if autocast == torch.bfloat16 else peak_fp32      # the dtype runs.train computes in
+    common.log("where the time goes (profiler) ...")
+    breakdown = time_breakdown(images, labels, args.batch_size, 2 if args.quick else 5)
 
     rows = [{"variant": name, "images/s": best[name], "vs baseline": best[name] / baseline,
              "rounds": " ".join(f"{v:.0f}" for v in speeds[name])} for name in best]
@@ -205,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
           f"peak ({peak_fp32 / 1e9:.0f} GFLOP/s); the bfloat16 matmul peak is {peak_bf16 / 1e9:.1f} GFLOP/s "
           f"(fraction {achieved / peak_bf16:.3g}: above 1 where this CPU has no native bfloat16 units and "
           f"float32 wins)")
+    print(f"fraction_of_matmul_peak ({'bfloat16' if autocast == torch.bfloat16 else 'float32'}, the dtype "
+          f"runs.train computes in here): {achieved / peak_used:.1%}")
+    print("where the time of a training step goes (torch.profiler, operators' own CPU time): "
+          + ", ".join(f"{group} {share:.0%}" for group, share in breakdown.items()))
     if autocast is None:
         print("runs.train picks plain float32 here, so it runs the same operations as the baseline: "
               "the difference between those two rows is run-to-run noise (rerun on a quiet machine)")
@@ -214,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {
         "images_per_second": round(train_path, 1),
         "speedup_vs_fp32_eager": round(train_path / baseline, 3),
+        "fraction_of_matmul_peak": round(achieved / peak_used, 4),
+        "time_breakdown": breakdown,
         "fraction_of_bf16_matmul_peak": round(achieved / peak_bf16, 4),
         "fraction_of_fp32_matmul_peak": round(achieved / peak_fp32, 4),
         "matmul_peak_gflops": {"float32": round(peak_fp32 / 1e9, 1), "bfloat16": round(peak_bf16 / 1e9, 1)},

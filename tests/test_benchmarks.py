@@ -52,6 +52,10 @@ def test_train_speed_quick(tmp_path, capsys):
     record = read_results(tmp_path, "train_speed")
     assert record["images_per_second"] > 0 and record["speedup_vs_fp32_eager"] > 0
     assert 0 < record["fraction_of_fp32_matmul_peak"] and 0 < record["fraction_of_bf16_matmul_peak"]
+    used = "bf16" if record["autocast_dtype"] == "torch.bfloat16" else "fp32"
+    assert record["fraction_of_matmul_peak"] == record[f"fraction_of_{used}_matmul_peak"]
+    shares = record["time_breakdown"]
+    assert shares["convolutions"] > 0.1 and abs(sum(shares.values()) - 1) < 0.01   # convolutions dominate a U-Net
     assert record["model_gflop_per_step"] > 0 and record["peak_resident_memory_mib"] > 0
     assert set(record["variants"]) == {train_speed.TRAIN_PATH, train_speed.BASELINE, "channels_last", "1 thread"}
     assert {"cpu_flags", "torch", "load_average"} <= set(record["machine"])

@@ -209,6 +209,7 @@ def test_welcome_table_names_each_lessons_module_and_exercises():
         "07": ("data", "pixels_to_model", "random_hflip"),
         "08": ("autoencoder", "sample_posterior", "kl_divergence", "measure_scale_factor"),
         "09": ("text", "clip_loss", "attention_maps"), "10": ("flow", "flow_matching_loss"),
+        "11": ("distill", "teacher_digits", "reflow_loss"),
     }
     for number, names in expected.items():
         row = next(line for title, line in rows.items() if title.startswith(f"**{number}"))
