@@ -172,3 +172,16 @@ def test_train_step_accepts_the_flow_matching_loss():
 def test_bad_inputs_give_clear_errors(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_karras_time_grid_is_edm_spacing_on_the_straight_path():
+    """Evenly spaced in sigma^(1/rho) with sigma = t / (1 - t); starts at 1 (pure noise), ends at 0."""
+    times = flow.karras_time_grid(5, rho=7.0, sigma_min=0.002, sigma_max=80.0)
+    assert len(times) == 6 and times[0] == 1.0 and times[-1] == 0.0
+    assert all(a > b for a, b in zip(times, times[1:]))
+    sigmas = [t / (1 - t) for t in times[1:-1]]
+    roots = [80.0 ** (1 / 7)] + [s ** (1 / 7) for s in sigmas]          # sigma_max, then the grid's own
+    assert all(abs((a - b) - (roots[0] - 0.002 ** (1 / 7)) / 4) < 1e-9 for a, b in zip(roots, roots[1:]))
+    assert sigmas[-1] == pytest.approx(0.002)
+    with pytest.raises(ValueError, match="steps must be a whole number >= 2"):
+        flow.karras_time_grid(1)
