@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
                f"load average {info['load_average']}")
 
     base = generate.load_pipeline("mnist")
-    rows = [measure("mnist dpm 20, w 3", base, "dpm", 10 if args.quick else 20, 3.0, args)]
+    dpm_steps = 10 if args.quick else 20
+    rows = [measure(f"mnist dpm {dpm_steps}, w 3", base, "dpm", dpm_steps, 3.0, args)]
     fast = generate.load_pipeline("mnist-fast")
     default = fast.sampling
     for k in steps:

@@ -46,6 +46,7 @@ def main(argv=None) -> int:
     parser.add_argument("--guidance", type=float, default=distill.DEFAULT_TEACHER_GUIDANCE, help="pairs: the teacher's w")
     parser.add_argument("--teacher-steps", type=int, default=distill.DEFAULT_TEACHER_STEPS, help="pairs: Heun steps")
     parser.add_argument("--chunk", type=int, default=1000, help="pairs: saved every this many")
+    parser.add_argument("--shard", default="0/1", help="pairs: I/N makes every N-th chunk from the I-th (one process per core)")
     parser.add_argument("--run", help="student/ship: the run folder's name under runs/mnist-fast (default: the stage's)")
     parser.add_argument("--stage", dest="ship_stage", choices=sorted(SHIPPED), help="ship: which model")
     parser.add_argument("--fresh", action="store_true", help="start the stage over instead of resuming")
@@ -80,12 +81,14 @@ def train_teacher(args) -> runs.TrainResult:
 def make_pairs(args) -> int:
     """Chunks of (noise, teacher's digit, label) in runs/mnist-fast/pairs/, each written once."""
     teacher = checkpoints.load_checkpoint(RUNS / "teacher").model
+    teacher.to(memory_format=torch.channels_last)       # oneDNN's fastest layout on a CPU (generate does the same)
     folder = RUNS / "pairs"
     folder.mkdir(parents=True, exist_ok=True)
     labels = torch.arange(args.num) % 10
-    for start in range(0, args.num, args.chunk):
+    shard, shards = (int(n) for n in args.shard.split("/"))
+    for index, start in enumerate(range(0, args.num, args.chunk)):
         path = folder / f"pairs_{start:06d}.pt"
-        if path.exists() and not args.fresh:
+        if index % shards != shard or (path.exists() and not args.fresh):
             continue
         begun = time.perf_counter()
         generator = torch.Generator().manual_seed(1_000_003 * (start + 1))

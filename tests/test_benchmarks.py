@@ -13,7 +13,7 @@ import nbformat
 import pytest
 import torch
 
-from benchmarks import common, notebooks, prompted_digits, recipes, sample_speed, samplers, time_to_quality, train_speed
+from benchmarks import common, few_step, notebooks, prompted_digits, recipes, sample_speed, samplers, time_to_quality, train_speed
 from diffusion_course import autoencoder, captions, checkpoints, schedules, text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -265,3 +265,18 @@ def test_prompted_digits_intervals():
     assert low < 0.9 < high and abs(low - 0.8256) < 1e-3 and abs(high - 0.9448) < 1e-3   # the tabulated Wilson interval
     low, high = prompted_digits.bootstrap_interval(torch.tensor([0, 1, 2, 1] * 50), 2)
     assert low < 0.5 < high
+
+
+def test_few_step_quick(tmp_path, capsys, data_root):
+    """The issue's keys for the shipped mnist-fast, and network calls that are counted, not assumed:
+    DPM-Solver++ with guidance calls the network twice per step (10 steps in quick mode), the
+    distilled student once."""
+    assert few_step.main(["--quick", "--out-dir", str(tmp_path), "--num", "10", "--steps", "1,2"]) == 0
+    lines = table_lines(capsys.readouterr().out)
+    assert lines[0].split()[:2] == ["name", "evaluations_per_image"] and len(lines) == 5
+    record = read_results(tmp_path, "few_step")
+    rows = {row["name"]: row for row in record["rows"]}
+    assert rows["mnist dpm 10, w 3"]["evaluations_per_image"] == 20
+    assert rows["mnist-fast euler 1"]["evaluations_per_image"] == 1 and rows["mnist-fast euler 2"]["evaluations_per_image"] == 2
+    assert record["shipped"] == "mnist-fast euler 2" and record["evaluations_per_image"] == 2
+    assert 0 <= record["accuracy"] <= 1 and record["seconds_per_100_images"] > 0 and record["speedup_vs_dpm20_guided"] > 0
