@@ -9,7 +9,8 @@
 The teacher is lesson 10's recipe (class-conditional flow matching with label dropout, so that it
 can be guided). `pairs` integrates the teacher's guided ODE (Heun, --teacher-steps steps, guidance
 --guidance) from stored noise to a digit for --num labels spread over the classes, in chunks that
-survive an interruption. `student` starts from the teacher's weights and learns the straight line
+survive an interruption (start the same command once per free core: each process claims the next
+chunk nobody has made). `student` starts from the teacher's weights and learns the straight line
 between each noise and the digit the teacher made from it (rectified flow's "reflow", Liu et al.
 2022), with the label as its only condition: guidance is folded into the student, so each of its
 steps is one network call. Runs live in runs/mnist-fast/.
@@ -46,7 +47,6 @@ def main(argv=None) -> int:
     parser.add_argument("--guidance", type=float, default=distill.DEFAULT_TEACHER_GUIDANCE, help="pairs: the teacher's w")
     parser.add_argument("--teacher-steps", type=int, default=distill.DEFAULT_TEACHER_STEPS, help="pairs: Heun steps")
     parser.add_argument("--chunk", type=int, default=1000, help="pairs: saved every this many")
-    parser.add_argument("--shard", default="0/1", help="pairs: I/N makes every N-th chunk from the I-th (one process per core)")
     parser.add_argument("--run", help="student/ship: the run folder's name under runs/mnist-fast (default: the stage's)")
     parser.add_argument("--stage", dest="ship_stage", choices=sorted(SHIPPED), help="ship: which model")
     parser.add_argument("--fresh", action="store_true", help="start the stage over instead of resuming")
@@ -85,10 +85,9 @@ def make_pairs(args) -> int:
     folder = RUNS / "pairs"
     folder.mkdir(parents=True, exist_ok=True)
     labels = torch.arange(args.num) % 10
-    shard, shards = (int(n) for n in args.shard.split("/"))
-    for index, start in enumerate(range(0, args.num, args.chunk)):
+    for start in range(0, args.num, args.chunk):
         path = folder / f"pairs_{start:06d}.pt"
-        if index % shards != shard or (path.exists() and not args.fresh):
+        if (path.exists() and not args.fresh) or not _claim(path.with_suffix(".claim")):
             continue
         begun = time.perf_counter()
         generator = torch.Generator().manual_seed(1_000_003 * (start + 1))
@@ -99,8 +98,21 @@ def make_pairs(args) -> int:
         torch.save({"noise": noise, "x0": x0, "labels": part, "guidance": args.guidance,
                     "teacher_steps": args.teacher_steps}, tmp)
         tmp.replace(path)
+        path.with_suffix(".claim").unlink()
         print(f"{path.name}: {len(noise)} pairs in {time.perf_counter() - begun:.0f} s", flush=True)
     return 0
+
+
+def _claim(claim: Path) -> bool:
+    """True if this process may make the chunk: it created `claim` first. Several processes (one per
+    core) can then share the chunks; a claim left by a crash is taken over after 30 minutes."""
+    if claim.exists() and time.time() - claim.stat().st_mtime > 1800:
+        claim.unlink(missing_ok=True)
+    try:
+        claim.open("x").close()
+        return True
+    except FileExistsError:
+        return False
 
 
 def load_pairs() -> dict:

@@ -1,5 +1,5 @@
 """scripts/train_mnist_fast.py, every stage on a tiny budget: the teacher trains by flow matching,
-`pairs` stores the guided teacher's endpoints beside their noise (in shards, resumably), the student
+`pairs` stores the guided teacher's endpoints beside their noise (in claimed chunks, resumably), the student
 trains by reflow from the teacher's weights, and `ship` writes loadable checkpoints with their own
 sampling defaults. Code paths only; the shipped models' quality is measured by benchmarks/few_step.py."""
 
@@ -29,8 +29,12 @@ def test_every_stage_runs_and_ships(tmp_path, monkeypatch, data_root, capsys):
     monkeypatch.setattr(checkpoints, "PRETRAINED_DIR", tmp_path / "pretrained")
     tiny = ["--batch-size", "8", "--base-channels", "4"]
     assert script.main(["teacher", "--minutes", "0.01", *tiny]) == 0
-    for shard in ("0/2", "1/2"):     # two processes' shares of the chunks
-        assert script.main(["pairs", "--num", "30", "--chunk", "10", "--teacher-steps", "1", "--shard", shard]) == 0
+    (tmp_path / "runs" / "pairs").mkdir()
+    (tmp_path / "runs" / "pairs" / "pairs_000010.claim").touch()     # another process is making this chunk
+    assert script.main(["pairs", "--num", "30", "--chunk", "10", "--teacher-steps", "1"]) == 0
+    assert not (tmp_path / "runs" / "pairs" / "pairs_000010.pt").exists()
+    (tmp_path / "runs" / "pairs" / "pairs_000010.claim").unlink()     # ... that process died: run again
+    assert script.main(["pairs", "--num", "30", "--chunk", "10", "--teacher-steps", "1"]) == 0
     chunks = sorted((tmp_path / "runs" / "pairs").glob("pairs_*.pt"))
     assert [c.name for c in chunks] == ["pairs_000000.pt", "pairs_000010.pt", "pairs_000020.pt"]
     pairs = script.load_pairs()
