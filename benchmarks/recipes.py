@@ -32,7 +32,7 @@ if __package__ in (None, ""):      # run as `python benchmarks/recipes.py`
 import torch
 
 from benchmarks import common
-from diffusion_course import data, flow, metrics, runs, schedules
+from diffusion_course import data, metrics, runs, schedules
 from diffusion_course.generate import generate
 from diffusion_course.unet import UNet, UNetConfig
 
@@ -40,7 +40,7 @@ DEFAULT_RECIPES = ["before:min_snr_gamma=none,lr=0.002,warmup_steps=200",   # th
                    "min-snr:lr=0.002,warmup_steps=200",
                    "default:"]
 TRAIN_FIELDS = ({f.name for f in dataclasses.fields(runs.TrainConfig)} | {"min_snr_gamma"}) - {"steps", "minutes", "progress", "seed"}
-OBJECTIVES = ("eps", "flow")      # lesson 03's noise prediction (Min-SNR weighted), lesson 10's flow matching
+OBJECTIVES = runs.OBJECTIVES      # lesson 03's noise prediction (Min-SNR weighted), lesson 10's flow matching
 
 
 def parse_recipe(text: str) -> tuple[str, dict]:
@@ -81,10 +81,7 @@ def run_recipe(overrides: dict, steps: int | None, num: int, seed: int, dataset,
     model = UNet(UNetConfig(base_channels=base_channels, num_classes=10))
     start = time.perf_counter()
     schedule = schedules.cosine_schedule() if objective == "eps" else None
-    if objective == "eps":
-        result = runs.train_diffusion(model, dataset, schedule, min_snr_gamma=min_snr_gamma, config=config)
-    else:
-        result = runs.train(model, dataset.images, flow.flow_matching_loss, labels=dataset.labels, config=config)
+    result = runs.train_diffusion(model, dataset, schedule, min_snr_gamma=min_snr_gamma, config=config, objective=objective)
     seconds = time.perf_counter() - start
     labels = torch.arange(num) % 10
     sampler, sampling_steps = ("dpm", 20) if objective == "eps" else ("heun", 10)

@@ -73,7 +73,8 @@ def _add_train(p) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--unconditional", action="store_true", help="train without class labels")
     p.add_argument("--base-channels", type=whole(1), default=UNetConfig.base_channels)
-    p.add_argument("--schedule", choices=sorted(schedules.SCHEDULES), default="cosine")
+    p.add_argument("--objective", choices=runs.OBJECTIVES, default="eps", help="eps: noise prediction; flow: flow matching")
+    p.add_argument("--schedule", choices=sorted(schedules.SCHEDULES), default="cosine", help="eps only")
     p.add_argument("--batch-size", type=whole(1), default=runs.TrainConfig.batch_size)
     p.add_argument("--lr", type=number(0, exclusive=True), default=runs.TrainConfig.lr)
     p.add_argument("--warmup-steps", type=whole(0), default=runs.TrainConfig.warmup_steps)
@@ -159,7 +160,7 @@ def run_train(args) -> int:
     model = UNet(UNetConfig(*dataset.images.shape[1:3], args.base_channels, num_classes=num_classes)).to(device)
     result = runs.train_diffusion(model, dataset, schedules.SCHEDULES[args.schedule](), min_snr_gamma=args.min_snr_gamma,
                                   conditional=num_classes is not None, device=device, config=train_config,
-                                  out_dir=args.out, resume=args.resume)
+                                  out_dir=args.out, resume=args.resume, objective=args.objective)
     if runs.is_main_process():                            # under torchrun, rank 0 speaks for all
         print(f"trained {result.step} steps in {result.seconds / 60:.1f} minutes; "
               f"latest checkpoint: {checkpoints.latest_checkpoint(args.out)}")

@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoints
 from .data import random_hflip
+from .flow import flow_matching_loss
 from .guidance import drop_cond, has_null_cond
 from .schedules import NoiseSchedule
 from .training import EMA, diffusion_loss, train_step
@@ -53,6 +54,7 @@ from .training import EMA, diffusion_loss, train_step
 MAY_CHANGE_ON_RESUME = ("steps", "minutes", "checkpoint_every", "checkpoint_minutes", "keep_checkpoints", "progress")
 # config.json keys written by checkpoints and by this loop; the rest are the caller's `info`.
 RUN_KEYS = ("train_config", "seconds", "ema_updates")
+OBJECTIVES = ("eps", "flow")   # what train_diffusion trains: noise prediction (lesson 03) or flow matching (lesson 10)
 
 
 def _whole(value) -> bool:
@@ -171,17 +173,25 @@ def train(model: nn.Module, images: Tensor, loss_fn: Callable[..., Tensor], *, c
     return TrainResult(model, run.ema.model, run.losses, run.step, run.seconds())
 
 
-def train_diffusion(model: nn.Module, dataset, schedule: NoiseSchedule, *, min_snr_gamma: float | None = 5.0,
-                    conditional: bool = True, device: str | torch.device = "cpu", **train_options) -> TrainResult:
-    """`train` with the course's objective: lesson 03's noise-prediction loss on `schedule`, each
-    image weighted by min(SNR, gamma) / SNR (Min-SNR; None: off), on a loaded data.Dataset. What
-    `diffusion-course train`, the benchmarks and lesson 03 run; the schedule, the dataset's name
-    and gamma are recorded in every checkpoint. train_options go to `train` (config, out_dir, ...).
-    Under torchrun, device "cuda" means this process's own GPU (see process_device)."""
+def train_diffusion(model: nn.Module, dataset, schedule: NoiseSchedule | None, *, min_snr_gamma: float | None = 5.0,
+                    conditional: bool = True, device: str | torch.device = "cpu", objective: str = "eps",
+                    **train_options) -> TrainResult:
+    """`train` with the course's objective on a loaded data.Dataset: lesson 03's noise-prediction loss
+    on `schedule`, each image weighted by min(SNR, gamma) / SNR (Min-SNR; None: off), or with
+    objective="flow" lesson 10's flow matching (no schedule; sampled with Euler or Heun). What
+    `diffusion-course train`, the benchmarks and lesson 03 run; the objective, the schedule, the
+    dataset's name and gamma are recorded in every checkpoint. train_options go to `train` (config,
+    out_dir, ...). Under torchrun, device "cuda" means this process's own GPU (see process_device)."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES} (eps: noise prediction, lesson 03; flow: flow "
+                         f"matching, lesson 10), got {objective!r}.")
     device = process_device(device)
     model.to(device)
-    loss_fn = functools.partial(diffusion_loss, schedule=schedule, min_snr_gamma=min_snr_gamma)
-    info = {"dataset": dataset.name, "schedule": schedule.to_config(), "min_snr_gamma": min_snr_gamma}
+    if objective == "flow":
+        loss_fn, info = flow_matching_loss, {"dataset": dataset.name, "objective": "flow"}
+    else:
+        loss_fn = functools.partial(diffusion_loss, schedule=schedule, min_snr_gamma=min_snr_gamma)
+        info = {"dataset": dataset.name, "schedule": schedule.to_config(), "min_snr_gamma": min_snr_gamma}
     labels = dataset.labels.to(device) if conditional else None
     return train(model, dataset.images.to(device), loss_fn, labels=labels, info=info, **train_options)
 

@@ -55,6 +55,25 @@ def test_train_writes_a_checkpoint(run_dir, capsys):
     assert recipe["hflip"] is False
 
 
+def test_a_flow_matching_run_samples_with_euler_and_refuses_what_needs_a_schedule(data_root, tmp_path, capsys):
+    """train --objective flow: no schedule in the checkpoint; sample defaults to Euler (guidance 3) and
+    takes heun; the noise-prediction samplers and edit refuse it with a clear error."""
+    out = tmp_path / "flow"
+    assert cli.main(["train", "--dataset", "mnist", "--out", str(out), "--steps", "2", "--base-channels", "8",
+                     "--batch-size", "16", "--objective", "flow"]) == 0
+    loaded = checkpoints.load_checkpoint(out)
+    assert loaded.schedule is None and loaded.info["objective"] == "flow" and "min_snr_gamma" not in loaded.info
+    assert cli.main(["sample", "--checkpoint", str(out), "--num", "4", "--steps", "2", "--out", str(tmp_path / "e.npz")]) == 0
+    assert read_npz(tmp_path / "e.npz")[0].shape == (4, 28, 28)     # (generate.Pipeline.sampling: euler)
+    assert cli.main(["sample", "--checkpoint", str(out), "--num", "4", "--sampler", "heun", "--steps", "2",
+                     "--out", str(tmp_path / "h.npz")]) == 0
+    capsys.readouterr()
+    assert cli.main(["sample", "--checkpoint", str(out), "--num", "4", "--sampler", "dpm", "--out", str(tmp_path / "d.npz")]) == 2
+    assert "is sampled with ['euler', 'heun'], got 'dpm'" in capsys.readouterr().err
+    assert cli.main(["edit", "--checkpoint", str(out), "--test-digit", "0", "--num", "2", "--out", str(tmp_path / "x.npz")]) == 2
+    assert "pixel model with a noise schedule" in capsys.readouterr().err
+
+
 def test_train_recipe_flags_reach_the_checkpoint(data_root, tmp_path, capsys):
     out = tmp_path / "plain"
     assert cli.main(["train", "--dataset", "mnist", "--out", str(out), "--steps", "1", "--base-channels", "8",
