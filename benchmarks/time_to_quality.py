@@ -64,7 +64,7 @@ def budget(config: runs.TrainConfig, mark: float, unit: str) -> runs.TrainConfig
 
 def train_to_marks(marks: list[float], run_dir: Path, config: runs.TrainConfig, seed: int,
                    base_channels: int, limit: int | None = None, min_snr_gamma: float | None = 5.0,
-                   unit: str = "min") -> list[Path]:
+                   unit: str = "min", objective: str = "eps") -> list[Path]:
     """Train once, stopping at each mark (minutes, or images with unit "images") to save a
     checkpoint; returns one folder per mark."""
     dataset = data.load_dataset("mnist", limit=limit)
@@ -73,7 +73,8 @@ def train_to_marks(marks: list[float], run_dir: Path, config: runs.TrainConfig, 
         torch.manual_seed(seed)     # the same initial weights as a single uninterrupted run
         model = UNet(UNetConfig(base_channels=base_channels, num_classes=10))
         result = runs.train_diffusion(model, dataset, schedules.cosine_schedule(), min_snr_gamma=min_snr_gamma,
-                                      config=budget(config, mark, unit), out_dir=run_dir, resume=i > 0)
+                                      config=budget(config, mark, unit), out_dir=run_dir, resume=i > 0,
+                                      objective=objective)
         folders.append(checkpoints.latest_checkpoint(run_dir))
         common.log(f"mark {mark:g} {unit}: step {result.step}, {result.seconds:.0f} s of training, "
                    f"loss (last 50 steps) {sum(result.losses[-50:]) / max(1, len(result.losses[-50:])):.4f}")
@@ -84,8 +85,9 @@ def evaluate(folder: Path, args) -> dict:
     """A checkpoint's EMA weights draw args.num digits (labels 0-9 in turn): accuracy and Frechet distance."""
     checkpoint = checkpoints.load_checkpoint(folder)
     labels = torch.arange(args.num) % 10
+    sampler, steps = ("dpm", args.steps) if checkpoint.schedule is not None else ("heun", max(1, args.steps // 2))
     images = generate(checkpoint.model, checkpoint.schedule, num=args.num, shape=(1, 28, 28), cond=labels,
-                      guidance_scale=args.guidance, sampler="dpm", sampling_steps=args.steps, seed=args.seed)
+                      guidance_scale=args.guidance, sampler=sampler, sampling_steps=steps, seed=args.seed)
     report = metrics.evaluate_samples(images, labels, seed=args.seed)
     entry = {"step": checkpoint.info["step"], "train_seconds": round(checkpoint.info["seconds"], 1),
              "images_seen": checkpoint.info["step"] * args.batch_size,
@@ -113,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     recipe.add_argument("--min-snr-gamma", type=cli.gamma_or_off, default=5.0,
                         help="0 turns the Min-SNR loss weighting off")
     recipe.add_argument("--base-channels", type=int, default=UNetConfig.base_channels)
+    recipe.add_argument("--objective", choices=runs.OBJECTIVES, default="eps",
+                        help="flow: flow matching (lesson 10), evaluated with Heun at half the --steps (the same network calls)")
     args = parser.parse_args(argv)
     limit = None
     if args.quick:
@@ -139,12 +143,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{run_dir} already holds checkpoints; choose an empty --run-dir.")
     try:
         start = time.perf_counter()
-        done = [(m, "min", f) for m, f in zip(marks, train_to_marks(marks, run_dir, config, args.seed,
-                                                                     args.base_channels, limit, args.min_snr_gamma))]
+        common_args = (config, args.seed, args.base_channels, limit, args.min_snr_gamma)
+        done = [(m, "min", f) for m, f in zip(marks, train_to_marks(marks, run_dir, *common_args,
+                                                                     objective=args.objective))]
         if image_marks:
             done += [(m, "images", f) for m, f in zip(image_marks, train_to_marks(
-                image_marks, run_dir / "images", config, args.seed, args.base_channels, limit, args.min_snr_gamma,
-                unit="images"))]
+                image_marks, run_dir / "images", *common_args, unit="images", objective=args.objective))]
         train_load = [round(x, 2) for x in os.getloadavg()]
         common.log(f"training done in {time.perf_counter() - start:.0f} s; evaluating ...")
         rows, per_mark = [], {}
@@ -162,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     print(common.format_table(rows, ["minutes", "step", "train_seconds", "images_seen", "accuracy", "frechet",
                                      "frechet_real_baseline", "frechet_over_baseline"]))
     print()
-    print(f"{args.num} samples per mark, guidance {args.guidance}, DPM-Solver++ {args.steps} steps; "
+    how = f"DPM-Solver++ {args.steps} steps" if args.objective == "eps" else f"Heun {max(1, args.steps // 2)} steps"
+    print(f"{args.num} samples per mark, guidance {args.guidance}, {how}; "
           f"load average at the start {info['load_average']}, after training {train_load}")
     results = {f"accuracy_at_{mark_key(m)}": per_mark[mark_key(m)]["accuracy"] for m in marks}
     results |= {f"frechet_at_{mark_key(m)}": per_mark[mark_key(m)]["frechet"] for m in marks}
@@ -171,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
                     for key in ("accuracy", "frechet_over_baseline")}
     results["frechet_real_baseline"] = rows[0]["frechet_real_baseline"]
     results |= {"marks": per_mark, "num_samples": args.num, "guidance": args.guidance, "sampler_steps": args.steps,
-                "train_config": asdict(config), "base_channels": args.base_channels, "quick": args.quick,
+                "train_config": asdict(config), "base_channels": args.base_channels, "objective": args.objective,
+                "quick": args.quick,
                 "machine": info, "load_average_after_training": train_load}
     path = common.write_results("time_to_quality", results, args.out_dir)
     common.log(f"wrote {path}")
