@@ -1,7 +1,7 @@
 """Few-step generation: the distilled `mnist-fast` against `mnist` with DPM-Solver++ 20 and guidance.
 
     python -m benchmarks.few_step                    (1000 samples per configuration: a few minutes on 2 cores)
-    python -m benchmarks.few_step --teacher runs/mnist-fast/teacher     (also the undistilled teacher)
+    python -m benchmarks.few_step --teacher none     (without the undistilled teacher, mnist-flow)
     python -m benchmarks.few_step --quick            (seconds; checks that it runs)
 
 Every configuration draws the same labels (0-9 in turn) through `generate.generate`, what
@@ -63,11 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num", type=int, help="samples per configuration (default 1000; 20 with --quick)")
     parser.add_argument("--repeats", type=int, help="timed calls of 100 digits (default 5; 1 with --quick)")
     parser.add_argument("--steps", default="1,2,4", help="mnist-fast's Euler step counts to measure")
-    parser.add_argument("--teacher", help="also measure this undistilled flow-matching checkpoint (guided Euler)")
+    parser.add_argument("--teacher", help="the undistilled flow-matching checkpoint to measure beside it (default "
+                        "mnist-flow, its teacher; 'none' in quick mode)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     args.num = (20 if args.quick else 1000) if args.num is None else args.num
     args.repeats = (1 if args.quick else 5) if args.repeats is None else args.repeats
+    args.teacher = ("none" if args.quick else "mnist-flow") if args.teacher is None else args.teacher
     if args.num < 2 or args.repeats < 1:
         parser.error("--num must be at least 2 (a Frechet distance needs a spread), --repeats at least 1.")
     steps = [int(k) for k in args.steps.split(",")]
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     default = fast.sampling
     for k in steps:
         rows.append(measure(f"mnist-fast euler {k}", fast, "euler", k, default["guidance"], args))
-    if args.teacher:
+    if args.teacher.lower() != "none":
         teacher = generate.load_pipeline(args.teacher)
         for sampler, k, w in (("euler", 2, 2.0), ("euler", 4, 2.0), ("heun", 8, 2.0)):
             rows.append(measure(f"teacher {sampler} {k}, w {w:g}", teacher, sampler, k, w, args))

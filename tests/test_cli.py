@@ -185,6 +185,21 @@ def test_the_shipped_cifar10_model_samples_colour_photos_that_evaluate_scores(da
     assert checkpoints.load_checkpoint("cifar10").info["train_config"]["hflip"] is True
 
 
+def test_the_shipped_few_step_model_samples_with_its_own_defaults(data_root, tmp_path, capsys):
+    """Issue 16's command: `sample --checkpoint mnist-fast --num N --labels all --steps K` uses the sampler and
+    guidance it was distilled for (Euler, none); its teacher mnist-flow is sampled with Heun and guidance 2."""
+    for name, steps in (("mnist-fast", "1"), ("mnist-flow", "2")):
+        out = tmp_path / f"{name}.npz"
+        assert cli.main(["sample", "--checkpoint", name, "--num", "20", "--labels", "all", "--steps", steps,
+                         "--out", str(out)]) == 0
+        images, labels = read_npz(out)
+        assert images.shape == (20, 28, 28) and labels.tolist() == [i % 10 for i in range(20)]
+        predicted = metrics.predict(torch.from_numpy(images).float().div(127.5).sub(1).unsqueeze(1), "mnist")
+        assert (predicted == torch.from_numpy(labels)).float().mean() >= 0.8      # digits of the asked-for class
+    fast = checkpoints.load_checkpoint("mnist-fast").info
+    assert fast["sampling"] == {"sampler": "euler", "steps": 2, "guidance": 1.0} and fast["distilled"] == "reflow"
+
+
 def test_evaluate_rejects_a_file_that_is_not_samples(tmp_path, capsys):
     bad = tmp_path / "bad.npz"
     np.savez(bad, something=np.zeros(3))
