@@ -8,7 +8,7 @@ Every configuration draws the same labels (0-9 in turn) through `generate.genera
 `diffusion-course sample` runs. evaluations_per_image is counted, not assumed: a hook adds up the
 images that go through the network (guidance sends each image through twice, in one batch of 2B).
 seconds_per_100_images is the median of --repeats calls that each draw 100 digits, after one
-warm-up call; speedup_vs_dpm20_guided divides the DPM-Solver++ 20 figure by it, both measured in
+warm-up call, at the thread count threads.use_best_threads picks (or DIFFUSION_COURSE_THREADS); speedup_vs_dpm20_guided divides the DPM-Solver++ 20 figure by it, both measured in
 this run. Accuracy and the Frechet distance (in the metrics classifier's feature space, beside the
 real-vs-real baseline at the same count) come from --num samples.
 
@@ -26,7 +26,7 @@ if __package__ in (None, ""):      # run as `python benchmarks/few_step.py`
 import torch
 
 from benchmarks import common
-from diffusion_course import generate, metrics
+from diffusion_course import generate, metrics, threads
 
 
 def count_evaluations(model) -> tuple[list[int], object]:
@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.num < 2 or args.repeats < 1:
         parser.error("--num must be at least 2 (a Frechet distance needs a spread), --repeats at least 1.")
     steps = [int(k) for k in args.steps.split(",")]
+    threads.use_best_threads()      # as the lessons do; DIFFUSION_COURSE_THREADS=N fixes the count
     info = common.machine_info()
     common.log(f"few_step: {args.num} samples each; {info['cpu']}, {info['torch_threads']} threads, "
                f"load average {info['load_average']}")
