@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.num < 2 or args.repeats < 1:
         parser.error("--num must be at least 2 (a Frechet distance needs a spread), --repeats at least 1.")
     steps = [int(k) for k in args.steps.split(",")]
-    threads.use_best_threads()      # as the lessons do; DIFFUSION_COURSE_THREADS=N fixes the count
+    threads.use_best_threads(verbose=False)   # as the lessons do (logged below); DIFFUSION_COURSE_THREADS=N fixes it
     info = common.machine_info()
     common.log(f"few_step: {args.num} samples each; {info['cpu']}, {info['torch_threads']} threads, "
                f"load average {info['load_average']}")
