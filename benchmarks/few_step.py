@@ -8,8 +8,8 @@ Every configuration draws the same labels (0-9 in turn) through `generate.genera
 `diffusion-course sample` runs. evaluations_per_image is counted, not assumed: a hook adds up the
 images that go through the network (guidance sends each image through twice, in one batch of 2B).
 seconds_per_100_images is the median of --repeats calls that each draw 100 digits, after one
-warm-up call, at the thread count threads.use_best_threads picks (or DIFFUSION_COURSE_THREADS); speedup_vs_dpm20_guided divides the DPM-Solver++ 20 figure by it, both measured in
-this run. Accuracy and the Frechet distance (in the metrics classifier's feature space, beside the
+warm-up call, at the thread count threads.use_best_threads picks (or DIFFUSION_COURSE_THREADS);
+speedup_vs_dpm20_guided divides the DPM-Solver++ 20 figure by it, both measured in this run. Accuracy and the Frechet distance (in the metrics classifier's feature space, beside the
 real-vs-real baseline at the same count) come from --num samples.
 
 The top-level keys describe `mnist-fast` with the sampling it was distilled for (its config.json).
