@@ -101,6 +101,12 @@ def median_seconds(action, repeats: int) -> float:
     return statistics.median(times)
 
 
+def evaluation_sampler(flow_model: bool, dpm_steps: int) -> tuple[str, int]:
+    """(sampler, steps) that scores a checkpoint: DPM-Solver++ with `dpm_steps` for a noise-prediction
+    model, Heun with half as many for a flow-matching one: the same network calls."""
+    return ("heun", max(1, dpm_steps // 2)) if flow_model else ("dpm", dpm_steps)
+
+
 def log(message: str) -> None:
     """Progress on stderr, so that stdout holds just the table."""
     print(message, file=sys.stderr, flush=True)

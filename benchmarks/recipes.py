@@ -84,7 +84,7 @@ def run_recipe(overrides: dict, steps: int | None, num: int, seed: int, dataset,
     result = runs.train_diffusion(model, dataset, schedule, min_snr_gamma=min_snr_gamma, config=config, objective=objective)
     seconds = time.perf_counter() - start
     labels = torch.arange(num) % 10
-    sampler, sampling_steps = ("dpm", 20) if objective == "eps" else ("heun", 10)
+    sampler, sampling_steps = common.evaluation_sampler(objective == "flow", 20)
     samples = generate(result.ema_model, schedule, num=num, shape=(1, 28, 28), cond=labels, guidance_scale=3.0,
                        sampler=sampler, sampling_steps=sampling_steps, seed=seed)
     report = metrics.evaluate_samples(samples, labels, seed=seed)

@@ -85,7 +85,7 @@ def evaluate(folder: Path, args) -> dict:
     """A checkpoint's EMA weights draw args.num digits (labels 0-9 in turn): accuracy and Frechet distance."""
     checkpoint = checkpoints.load_checkpoint(folder)
     labels = torch.arange(args.num) % 10
-    sampler, steps = ("dpm", args.steps) if checkpoint.schedule is not None else ("heun", max(1, args.steps // 2))
+    sampler, steps = common.evaluation_sampler(checkpoint.schedule is None, args.steps)
     images = generate(checkpoint.model, checkpoint.schedule, num=args.num, shape=(1, 28, 28), cond=labels,
                       guidance_scale=args.guidance, sampler=sampler, sampling_steps=steps, seed=args.seed)
     report = metrics.evaluate_samples(images, labels, seed=args.seed)
@@ -166,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     print(common.format_table(rows, ["minutes", "step", "train_seconds", "images_seen", "accuracy", "frechet",
                                      "frechet_real_baseline", "frechet_over_baseline"]))
     print()
-    how = f"DPM-Solver++ {args.steps} steps" if args.objective == "eps" else f"Heun {max(1, args.steps // 2)} steps"
+    sampler, steps = common.evaluation_sampler(args.objective == "flow", args.steps)
+    how = f"{'DPM-Solver++' if sampler == 'dpm' else 'Heun'} {steps} steps"
     print(f"{args.num} samples per mark, guidance {args.guidance}, {how}; "
           f"load average at the start {info['load_average']}, after training {train_load}")
     results = {f"accuracy_at_{mark_key(m)}": per_mark[mark_key(m)]["accuracy"] for m in marks}

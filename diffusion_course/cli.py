@@ -18,7 +18,7 @@ import time
 import torch
 
 from . import captions, checkpoints, data, editing, flow, metrics, runs, sampling, schedules
-from .generate import generate_to_file, image_shape, load_pipeline, prompt_ids
+from .generate import DEFAULT_SAMPLING, generate_to_file, image_shape, load_pipeline, prompt_ids
 from .guidance import guided
 from .threads import use_best_threads
 from .unet import UNet, UNetConfig
@@ -207,7 +207,7 @@ def run_edit(args) -> int:
     images = image.expand(args.num, -1, -1, -1).contiguous()
     options = dict(sampler=args.sampler, sampling_steps=args.steps, cond=labels,
                    generator=torch.Generator().manual_seed(args.seed))
-    model = model if labels is None else guided(model, 3.0 if args.guidance is None else args.guidance)
+    model = model if labels is None else guided(model, DEFAULT_SAMPLING["guidance"] if args.guidance is None else args.guidance)
     if args.mask is not None:
         out = editing.inpaint(model, images, editing.make_mask(args.mask, size), checkpoint.schedule, **options)
     else:

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from diffusion_course import checkpoints, data, distill, flow, runs  # noqa: E402
+from diffusion_course import checkpoints, data, distill, runs  # noqa: E402
 from diffusion_course.threads import use_best_threads  # noqa: E402
 from diffusion_course.unet import UNet, UNetConfig  # noqa: E402
 
@@ -73,9 +73,8 @@ def train_teacher(args) -> runs.TrainResult:
     mnist = data.load_dataset("mnist")
     torch.manual_seed(0)
     model = UNet(UNetConfig(base_channels=args.base_channels, num_classes=10))
-    return runs.train(model, mnist.images, flow.flow_matching_loss, labels=mnist.labels,
-                      config=_config(args, 4e-3, 0.1), out_dir=RUNS / "teacher", resume=not args.fresh,
-                      info={"dataset": "mnist", "objective": "flow"})
+    return runs.train_diffusion(model, mnist, None, objective="flow", config=_config(args, 4e-3, 0.1),
+                                out_dir=RUNS / "teacher", resume=not args.fresh)
 
 
 def make_pairs(args) -> int:

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from .. import distill, flow
 from ..guidance import guided
+from . import flow as flow_checks
 from ._harness import _call, _checker, _close, _compare, _first_match, _Wrong
 
 HINTS = {
@@ -95,14 +96,6 @@ def check_teacher_digits(fn):
     return "your teacher runs its guided ODE with Heun's method, as the reference does."
 
 
-class _RecordingProbe(torch.nn.Module):
-    """A fixed 'network' that remembers what it was called with."""
-
-    def forward(self, x_t: Tensor, t: Tensor, cond=None) -> Tensor:
-        self.x_t, self.t, self.cond = x_t.detach(), t.detach(), cond
-        return 0.5 * x_t - 0.002 * t.view(-1, *([1] * (x_t.ndim - 1))) + 0.3
-
-
 def _reflow_diagnosis(fn, got, model, x0, noise, t, labels) -> str | None:
     swapped = flow.flow_matching_loss(model, noise, cond=labels, t=t, noise=x0)
     if _close(got, swapped):
@@ -118,7 +111,7 @@ def _reflow_diagnosis(fn, got, model, x0, noise, t, labels) -> str | None:
 @_checker
 def check_reflow_loss(fn):
     """Check fn(model, pairs, *, cond=None, t=None, generator=None) -> scalar against distill.reflow_loss."""
-    model, generator = _RecordingProbe(), torch.Generator().manual_seed(0)
+    model, generator = flow_checks._Probe(), torch.Generator().manual_seed(0)
     x0, noise = torch.randn(5, 1, 2, 2, generator=generator), torch.randn(5, 1, 2, 2, generator=generator)
     t, labels = torch.tensor([0.0, 0.2, 0.5, 0.9, 1.0]), torch.tensor([3, 1, 4, 1, 5])
     pairs = torch.cat([x0, noise], dim=1)

@@ -56,11 +56,12 @@ HINTS = {**HINTS, **DERIVATION_HINTS}
 
 class _Probe(torch.nn.Module):
     """A fixed 'network' whose output depends on x_t and on the time it is given, and which
-    remembers the inputs of its last call."""
+    remembers the inputs of its last call (x_t, t and cond). x_t: (B, ...) of any shape.
+    (Lesson 11's reflow_loss checker uses it too.)"""
 
     def forward(self, x_t: Tensor, t: Tensor, cond=None) -> Tensor:
-        self.x_t, self.t = x_t.detach(), t.detach()
-        return 0.5 * x_t - 0.002 * t.view(-1, 1) + 0.3
+        self.x_t, self.t, self.cond = x_t.detach(), t.detach(), cond
+        return 0.5 * x_t - 0.002 * t.view(-1, *([1] * (x_t.ndim - 1))) + 0.3
 
 
 def _variant(model, x0, t, noise, *, swap_path=False, target=None, time_scale=flow.TIME_SCALE, total=False) -> Tensor:
