@@ -10,6 +10,10 @@ What it takes care of, so no caller writes it again:
   DDPM's per-step noise depends on the batching;
 - batching (`batch_size` images per sampler call) and an optional progress bar (one tick per
   sampler step of each batch, so a long DDPM run shows that it is moving);
+- on a CPU, each batch cut into `workers` parts (default: what `threads.use_best_threads` chose)
+  that are sampled (and decoded) side by side, each in its own thread: the same images up to
+  float rounding for DDIM and DPM-Solver++; DDPM's noise then comes from one generator per part,
+  seeded from `seed`, so DDPM's images depend on the number of parts as they do on the batch size;
 - guidance: the model is wrapped with `guidance.guided`, which leaves an unconditional model
   (or w = 1 without a negative condition) as it is;
 - the DDPM rule: DDPM visits every step, so `sampling_steps` counts only for DDIM and DPM-Solver++;
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
@@ -32,7 +37,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import checkpoints, data, flow, sampling
+from . import checkpoints, data, flow, sampling, threads
 from .guidance import guided
 from .schedules import NoiseSchedule
 from .unet import UNet
@@ -49,7 +54,8 @@ def generate_batches(model, schedule: NoiseSchedule | None, *, num: int, shape: 
                      guidance_scale: float = 1.0, negative: int | Tensor | None = None, sampler: str = "dpm",
                      sampling_steps: int | None = None, seed: int = 0, batch_size: int = 100,
                      device: str | torch.device = "cpu", decode: Callable[[Tensor], Tensor] | None = None,
-                     clip_x0: float | None = 1.0, progress: bool = False) -> Iterator[tuple[int, Tensor]]:
+                     clip_x0: float | None = 1.0, progress: bool = False,
+                     workers: int | None = None) -> Iterator[tuple[int, Tensor]]:
     """Sample `num` images, `batch_size` at a time; yields (index of the first image, images).
 
     Args:
@@ -61,6 +67,8 @@ def generate_batches(model, schedule: NoiseSchedule | None, *, num: int, shape: 
         sampling_steps: sampler steps (None: the sampler's default).
         decode: maps the sampler's output to images (e.g. an autoencoder's decoder).
         clip_x0: the data range the sampler clamps its x0 guesses to (None for latents).
+        workers: on a CPU, cut each batch into this many parts sampled side by side in threads
+            (None: threads.workers(), what use_best_threads chose; 1: one call per batch).
     Yields:
         (start, images): images (B, C, H, W) on `device`, clamped to [-1, 1] (or to clip_x0 when
         there is no decode step).
@@ -71,14 +79,30 @@ def generate_batches(model, schedule: NoiseSchedule | None, *, num: int, shape: 
     x_T = torch.randn(num, *shape, generator=generator, device=device)
     cond = None if cond is None else cond.to(device)
     model = guided(model, guidance_scale, negative)
-    bar = tqdm(total=len(range(0, num, batch_size)) * num_steps, disable=not progress, unit="step",
-               desc=f"sampling {num} with {sampler}")
+    workers = _check_workers(workers, device)
+    batches = [range(start, min(start + batch_size, num)) for start in range(0, num, batch_size)]
+    bar = tqdm(total=sum(len(threads.batch_parts(len(b), workers)) for b in batches) * num_steps,
+               disable=not progress, unit="step", desc=f"sampling {num} with {sampler}")
+    ticks, cancel = threading.Lock(), threading.Event()
+
+    def sample_part(part: slice, part_generator: torch.Generator) -> Tensor:
+        def tick(step):
+            if cancel.is_set():              # another part failed, or the caller was interrupted
+                raise RuntimeError("sampling cancelled")
+            with ticks:
+                bar.update(1)
+        x = sample(model, x_T[part], generator=part_generator, cond=None if cond is None else cond[part],
+                   clip_x0=clip_x0, callback=tick)
+        return x if decode is None else decode(x)
+
     with _fast_layout(model, device), torch.no_grad(), bar:
-        for start in range(0, num, batch_size):
-            part = slice(start, start + batch_size)
-            x = sample(model, x_T[part], generator=generator, cond=None if cond is None else cond[part],
-                       clip_x0=clip_x0, callback=lambda step: _tick(bar))
-            yield start, _finish(x if decode is None else decode(x), 1.0 if decode is not None else clip_x0)
+        for batch in batches:
+            parts = [slice(batch.start + p.start, batch.start + p.stop)
+                     for p in threads.batch_parts(len(batch), workers)]
+            generators = [generator] if len(parts) == 1 else [_child(generator, device) for _ in parts]
+            images = torch.cat(threads.map_parts(lambda job: sample_part(*job), list(zip(parts, generators)),
+                                                 cancel=cancel))
+            yield batch.start, _finish(images, 1.0 if decode is not None else clip_x0)
 
 
 def generate_to_file(path, model, schedule: NoiseSchedule, *, num: int, shape: tuple, cond: Tensor | None = None,
@@ -176,10 +200,19 @@ def image_shape(model) -> tuple[int, int, int]:
     return (config.in_channels, config.image_size, config.image_size)
 
 
-def _tick(bar) -> None:
-    """Advance the progress bar and return None (tqdm's update returns True when it redraws, and a
-    sampler's callback may return only None or a replacement sample)."""
-    bar.update(1)
+def _check_workers(workers: int | None, device) -> int:
+    """The parts to cut each batch into: 1 off a CPU (a GPU runs a batch at once)."""
+    if workers is None:
+        workers = threads.workers()
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a whole number of at least 1 (1: no split), got {workers!r}.")
+    return workers if torch.device(device).type == "cpu" else 1
+
+
+def _child(generator: torch.Generator, device) -> torch.Generator:
+    """A generator of its own for one part of a batch, seeded from `generator` (in part order)."""
+    seed = int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
+    return torch.Generator(device).manual_seed(seed)
 
 
 def _finish(images: Tensor, clamp: float | None) -> Tensor:

@@ -19,6 +19,11 @@ several on a CPU), with PyTorch's DistributedDataParallel: `batch_size` stays th
 every process draws the same data order and random numbers from the same seed and trains on its
 slice of each batch, the gradients are averaged, and rank 0 alone locks the folder, writes the
 checkpoints and shows progress. Without torchrun nothing of this happens.
+
+On a CPU, one process cuts each batch into `threads.training_workers()` parts (from what
+`threads.use_best_threads` chose; 1 until then) whose forward and backward passes run side by
+side in threads, when the loss is one of PER_IMAGE_LOSSES: the same step up to float rounding, and much faster on a busy
+machine (README "Threads"). A run resumes bit-exactly with the same number of parts.
 """
 
 from __future__ import annotations
@@ -42,8 +47,10 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from . import checkpoints
+from . import checkpoints, threads
+from .autoencoder import autoencoder_loss
 from .data import random_hflip
+from .distill import reflow_loss
 from .flow import flow_matching_loss
 from .guidance import drop_cond, has_null_cond
 from .schedules import NoiseSchedule
@@ -54,7 +61,11 @@ from .training import EMA, diffusion_loss, train_step
 MAY_CHANGE_ON_RESUME = ("steps", "minutes", "checkpoint_every", "checkpoint_minutes", "keep_checkpoints", "progress")
 # config.json keys written by checkpoints and by this loop; the rest are the caller's `info`.
 RUN_KEYS = ("train_config", "seconds", "ema_updates")
-OBJECTIVES = ("eps", "flow")   # what train_diffusion trains: noise prediction (lesson 03) or flow matching (lesson 10)
+OBJECTIVES = ("eps", "flow")
+# Losses that are means of one term per image, so that a batch cut into parts (threads.map_parts)
+# takes the same step. Any other loss, e.g. lesson 09's contrastive CLIP loss, which compares the
+# images of a batch with each other, always sees the whole batch.
+PER_IMAGE_LOSSES = (diffusion_loss, flow_matching_loss, reflow_loss, autoencoder_loss)   # what train_diffusion trains: noise prediction (lesson 03) or flow matching (lesson 10)
 
 
 def _whole(value) -> bool:
@@ -330,6 +341,7 @@ class _Run:
     losses: list = field(default_factory=list)
     ranks: Ranks = Ranks(0, 1)  # this process among those torchrun started
     net: nn.Module | None = None  # what the optimizer steps run: the model, or its DistributedDataParallel wrapper
+    workers: int = 1            # parts of each batch trained side by side (threads.training_workers() on a CPU)
 
     def seconds(self) -> float:
         return time.perf_counter() - self.start
@@ -384,6 +396,9 @@ def _start(model, images, labels, loss_fn, config, folder, resume, facts, ranks)
     if ranks.world_size > 1:                   # averages the gradients of all processes in backward()
         _check_same_step(run)
         run.net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    loss = loss_fn.func if isinstance(loss_fn, functools.partial) else loss_fn
+    if device.type == "cpu" and ranks.world_size == 1 and loss in PER_IMAGE_LOSSES:
+        run.workers = threads.training_workers()
     run.saved_step = run.step
     run.start = time.perf_counter() - seconds
     run.saved_at = time.perf_counter()
@@ -437,7 +452,9 @@ def _run_steps(run: _Run, callback, stop: _StopRequest) -> None:
     bar = tqdm(total=config.steps, initial=run.step, disable=not (config.progress and main), desc="training",
                unit="step")
     run.model.train()
-    try:
+    # With batches cut into parts, the loop's own small work runs at the parts' thread count too.
+    small_work = threads.torch_threads(threads.threads_each()) if run.workers > 1 else contextlib.nullcontext()
+    with bar, small_work:
         while not _should_stop(run, stop):
             loss = _one_step(run)
             bar.update(1)
@@ -446,8 +463,6 @@ def _run_steps(run: _Run, callback, stop: _StopRequest) -> None:
                 callback(run.step, loss)
             if _checkpoint_due(run):
                 _save(run)
-    finally:
-        bar.close()
 
 
 def _one_step(run: _Run) -> float:
@@ -465,8 +480,12 @@ def _one_step(run: _Run) -> float:
     x0, cond, draws = _share_of_batch(run, images, cond)
     for group in run.optimizer.param_groups:     # linear warm-up
         group["lr"] = config.lr * min(1.0, (run.step + 1) / max(1, config.warmup_steps))
-    loss = train_step(run.net, run.optimizer, x0, run.loss_fn, cond=cond,
-                      grad_clip=config.grad_clip, autocast_dtype=run.autocast_dtype, **draws)
+    parts = threads.batch_parts(len(x0), run.workers)
+    if len(parts) > 1:
+        loss = _step_in_parts(run, x0, cond, parts)
+    else:
+        loss = train_step(run.net, run.optimizer, x0, run.loss_fn, cond=cond,
+                          grad_clip=config.grad_clip, autocast_dtype=run.autocast_dtype, **draws)
     loss = _mean_over_processes(run, loss)
     if not math.isfinite(loss):
         kept = "" if run.folder is None else f" The last good checkpoint stays in {run.folder}."
@@ -483,25 +502,60 @@ def _share_of_batch(run: _Run, x0: Tensor, cond: Tensor | None) -> tuple[Tensor,
     """This process's share of the global batch (x0, cond) and the random draws for its loss.
 
     One process: all of it; the loss draws t and noise from the run's generator. Under torchrun
-    every process has drawn the same batch from the same generator and takes its own slice; the
-    t and noise of diffusion_loss are drawn for the whole batch and sliced too, so the processes
-    together use exactly the numbers one process would. Another loss function gets a generator of
-    its own in each process, seeded from the shared one (reproducible, but not those numbers).
+    every process has drawn the same batch from the same generator and takes its own slice, with
+    its slice's draws (see _draws).
     """
     if run.ranks.world_size == 1:
         return x0, cond, {"generator": run.generator}
     size = x0.shape[0] // run.ranks.world_size
-    mine = slice(run.ranks.rank * size, (run.ranks.rank + 1) * size)
+    slices = [slice(rank * size, (rank + 1) * size) for rank in range(run.ranks.world_size)]
+    mine = slices[run.ranks.rank]
+    return x0[mine], None if cond is None else cond[mine], _draws(run, x0, slices)[run.ranks.rank]
+
+
+def _draws(run: _Run, x0: Tensor, slices: list[slice]) -> list[dict]:
+    """The random numbers of the loss for each slice of the batch x0 (a process's, or a thread's).
+
+    For diffusion_loss, its t and noise are drawn for the whole batch, in its own order, and
+    sliced: the slices together use exactly the numbers one call on the whole batch would. Another
+    loss function gets a generator for each slice, seeded from the run's (reproducible, but not
+    those numbers).
+    """
     if isinstance(run.loss_fn, functools.partial) and run.loss_fn.func is diffusion_loss:
-        # diffusion_loss's own draws, in its order: t, then noise.
         t = torch.randint(0, run.loss_fn.keywords["schedule"].num_steps, (x0.shape[0],), device=x0.device,
                           generator=run.generator)
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=run.generator)
-        draws = {"t": t[mine], "noise": noise[mine]}
-    else:
-        seed = int(torch.randint(2**62, (1,), device=x0.device, generator=run.generator))
-        draws = {"generator": torch.Generator(x0.device).manual_seed(seed + run.ranks.rank)}
-    return x0[mine], None if cond is None else cond[mine], draws
+        return [{"t": t[part], "noise": noise[part]} for part in slices]
+    seed = int(torch.randint(2**62, (1,), device=x0.device, generator=run.generator))
+    return [{"generator": torch.Generator(x0.device).manual_seed(seed + index)} for index in range(len(slices))]
+
+
+def _step_in_parts(run: _Run, x0: Tensor, cond: Tensor | None, parts: list[slice]) -> float:
+    """train_step with the batch cut into parts whose forward and backward passes run side by side,
+    each in its own thread (threads.map_parts). Each part's loss is weighted by its share of the
+    batch and its gradients are added up in part order, so the step is the whole batch's up to
+    float rounding, and the same from run to run."""
+    draws = _draws(run, x0, parts)
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    device_type = x0.device.type
+
+    def loss_and_gradients(index: int) -> tuple[float, tuple]:
+        part = parts[index]
+        share = (part.stop - part.start) / x0.shape[0]
+        with torch.autocast(device_type, dtype=run.autocast_dtype or torch.float32,
+                            enabled=run.autocast_dtype is not None):
+            loss = run.loss_fn(run.net, x0[part], cond=None if cond is None else cond[part], **draws[index])
+        return loss.item() * share, torch.autograd.grad(loss * share, params, allow_unused=True)
+
+    results = threads.map_parts(loss_and_gradients, range(len(parts)))
+    run.optimizer.zero_grad(set_to_none=True)
+    for param, gradients in zip(params, zip(*(gradients for _, gradients in results))):
+        present = [g for g in gradients if g is not None]
+        param.grad = functools.reduce(torch.add, present) if present else None
+    if run.config.grad_clip:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.config.grad_clip)
+    run.optimizer.step()
+    return sum(loss for loss, _ in results)
 
 
 def _mean_over_processes(run: _Run, loss: float) -> float:

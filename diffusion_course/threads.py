@@ -1,34 +1,62 @@
-"""How many CPU threads PyTorch should use on this machine, right now.
+"""How many CPU threads PyTorch should use on this machine, right now, and how to lay them out.
 
-Used by the lessons and the command line (issue 17). PyTorch starts one thread per core. That is
-fastest on an idle machine, but when anything else keeps a core busy, the threads of every
-convolution wait for the one that shares its core, and a training step can take twice as long
-(or ten times, at a load of 4) as with fewer threads. So instead of guessing, this module runs a
-small convolution (the U-Net's main work) for a fraction of a second at a few thread counts,
-and keeps the fastest; on a tie it keeps fewer threads, which leaves a core for everything else.
+Used by the lessons and the command line (issue 17). PyTorch starts one thread per core and
+splits every operation between them. That is fast on an idle machine, but when anything else
+keeps a core busy, each operation waits for the thread that shares its core, and a training step
+can take twice as long (or ten times, at a load of 4) as with fewer threads. So this module runs
+a small convolution (the U-Net's main work) for a fraction of a second at a few thread counts and
+keeps the fastest for single calls; on a tie it keeps fewer threads, which leaves a core for
+everything else.
 
-    threads.use_best_threads()   # measures, sets torch.set_num_threads, prints one line why
+Batches have a second way to use the cores: cut into parts, each run start to finish in its own
+thread with one PyTorch thread ("workers"). The parts meet only at the end (of a sampling run,
+or of a training step's backward pass), so a part slowed by other work holds up nobody for long.
+On 2 CPUs beside one busy process a training step and a sampling run took about 1.5x their idle
+time this way, and 1.7-1.8x as one call on the best thread count (benchmarks/threads.py, README
+"Threads"); on an idle machine they are as fast. `generate` cuts each batch into `workers()` parts, `runs.train` into
+`training_workers()`.
 
-Set the environment variable DIFFUSION_COURSE_THREADS=N to choose N yourself (no measurement).
+    threads.use_best_threads()   # measures, sets torch.set_num_threads and the workers, prints why
+    threads.map_parts(fn, threads.batch_parts(len(x)))   # fn on each part, side by side
+
+Set the environment variable DIFFUSION_COURSE_THREADS=N to choose N threads yourself (no
+measurement, batches not split).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
+import threading
 import time
-from typing import NamedTuple
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 
 ENV_VARIABLE = "DIFFUSION_COURSE_THREADS"
-TIE = 0.10      # a smaller thread count within 10% of the fastest counts as just as fast
+TIE = 0.10        # within 10% of the fastest counts as just as fast
+MIN_PART = 4      # images per part at least: smaller parts are not worth a thread
+MAX_WORKERS = 4   # parts per batch at most (measured on 2 CPUs only; on a big machine each part gets several threads)
 
 
 class ThreadChoice(NamedTuple):
-    threads: int     # the number of threads to use
+    threads: int     # PyTorch threads for one call (torch.set_num_threads)
+    workers: int     # parts a batch is cut into, run side by side (1: not split)
     reason: str      # one line for the learner: what was chosen and why
+
+
+class _Layout:
+    """What use_best_threads chose for batches: how many parts, and PyTorch threads in each."""
+    workers = 1
+    threads_each = 1
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+_pool_lock = threading.Lock()
 
 
 def available_cpus() -> int:
@@ -59,6 +87,113 @@ def candidates(max_threads: int) -> list[int]:
         counts.add(count)
         count *= 2
     return sorted(counts)
+
+
+def workers() -> int:
+    """Into how many parts `generate` and `runs.train` cut a batch on a CPU (1 until use_best_threads
+    chooses, or set_workers sets it)."""
+    return _Layout.workers
+
+
+def training_workers() -> int:
+    """Parts per batch in runs.train: twice workers() (at most MAX_WORKERS) when each part has one
+    thread. A training step waits for all its parts, every 0.1-0.2 s; beside one busy program on 2
+    cores, Linux gives 4 threads of ours 4 of the 5 shares of the cores, 2 threads only 2 of 3 (a
+    step took 1.4x its best idle time with 4 parts, 1.8x with 2; idle, the same time: README
+    "Threads", scripts/measure_batch_split.py)."""
+    return _training_parts(_Layout.workers, _Layout.threads_each)
+
+
+def _training_parts(workers: int, each: int) -> int:
+    return min(2 * workers, MAX_WORKERS) if workers > 1 and each == 1 else workers
+
+
+def set_workers(count: int, threads_each: int = 1) -> int:
+    """Cut batches into `count` parts of `threads_each` PyTorch threads each (1: do not split).
+    Returns the previous count."""
+    for name, value in (("count", count), ("threads_each", threads_each)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}.")
+    previous, _Layout.workers, _Layout.threads_each = _Layout.workers, count, threads_each
+    return previous
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch.set_num_threads(count) for the `with` block, then back to what it was. A loop that cuts
+    its batches into parts runs its own small work (the optimizer step, the EMA) this way too: on
+    one thread such work takes a few milliseconds, while on two threads beside a busy process each
+    operation can wait for a core."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def threads_each() -> int:
+    """PyTorch threads in each part of a batch that is cut into parts (see set_workers)."""
+    return _Layout.threads_each
+
+
+def batch_parts(size: int, count: int | None = None) -> list[slice]:
+    """A batch of `size` images cut into `count` (default: workers()) nearly equal consecutive parts,
+    fewer when a part would hold less than MIN_PART images; one part (the whole) when not split."""
+    count = workers() if count is None else count
+    count = max(1, min(count, size // MIN_PART))
+    bounds = [round(i * size / count) for i in range(count + 1)]
+    return [slice(start, stop) for start, stop in zip(bounds, bounds[1:])]
+
+
+def map_parts(fn: Callable, parts: Sequence, *, threads_each: int | None = None,
+              cancel: threading.Event | None = None) -> list:
+    """[fn(part) for part in parts], each call in its own thread with `threads_each` (default: the
+    chosen number) PyTorch threads and the caller's gradient mode; results in the order of parts.
+
+    A single part runs here, in the calling thread, as it is. When a call raises (or the caller is
+    interrupted), `cancel` is set so that the others can stop early (e.g. a sampler's callback
+    checks it), all are waited for, and the first error is raised.
+    """
+    parts = list(parts)
+    if len(parts) == 1:
+        return [fn(parts[0])]
+    each = _Layout.threads_each if threads_each is None else threads_each
+    grad_enabled = torch.is_grad_enabled()
+
+    def work(part):
+        torch.set_num_threads(each)          # per thread: a worker's operations stay on one core
+        with torch.set_grad_enabled(grad_enabled):
+            return fn(part)
+
+    saved = torch.get_num_threads()
+    futures = [_executor(len(parts)).submit(work, part) for part in parts]
+    try:
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        failed = [future for future in futures if future in done and future.exception() is not None]
+        if failed:
+            raise failed[0].exception()
+        return [future.result() for future in futures]
+    except BaseException:
+        if cancel is not None:
+            cancel.set()
+        for future in futures:
+            future.cancel()
+        wait(futures)
+        raise
+    finally:
+        torch.set_num_threads(saved)         # set_num_threads also set the process-wide count
+
+
+def _executor(size: int) -> ThreadPoolExecutor:
+    """One pool of worker threads for the process, grown when more parts are asked for."""
+    global _pool, _pool_size
+    with _pool_lock:
+        if _pool is None or _pool_size < size:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool, _pool_size = ThreadPoolExecutor(size, thread_name_prefix="diffusion-course"), size
+        return _pool
 
 
 def _workload() -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,16 +229,20 @@ def measure(counts: list[int], *, seconds: float = 0.3, rounds: int = 3) -> dict
 
 
 def choose_threads(max_threads: int | None = None, *, seconds: float = 0.3) -> ThreadChoice:
-    """The thread count that runs fastest now, with the reason in words.
+    """The thread count that runs one call fastest now, and the batch layout, with the reason in words.
 
-    DIFFUSION_COURSE_THREADS wins when set. Otherwise each count in `candidates(max_threads)`
-    (at most the CPUs available, which is also the default) runs a small convolution for about
-    `seconds`, and the smallest count within 10% of the fastest is chosen. The reason quotes the
-    load average: how many processes wanted a CPU, on average over the last minute.
+    DIFFUSION_COURSE_THREADS wins when set (and batches are not split). Otherwise each count in
+    `candidates(max_threads)` (at most the CPUs available, which is also the default) runs a small
+    convolution for about `seconds`, and the smallest count within 10% of the fastest is chosen.
+    Batches are cut into `split_workers(max_threads)` parts, by rule rather than by measurement:
+    a short convolution could not tell the layouts apart reliably on a busy machine, while whole
+    training steps and sampling runs could (benchmarks/threads.py). The reason quotes the load
+    average: how many processes wanted a CPU, on average over the last minute.
     """
     override = threads_from_env()
     if override is not None:
-        return ThreadChoice(override, f"{ENV_VARIABLE}={override}: using {_plural(override, 'thread')}")
+        return ThreadChoice(override, 1, f"{ENV_VARIABLE}={override}: using {_plural(override, 'thread')}, "
+                                         "batches not split")
     if max_threads is not None and max_threads < 1:
         raise ValueError(f"max_threads={max_threads}: expected at least 1 (or None: all CPUs).")
     cpus = available_cpus()
@@ -111,7 +250,7 @@ def choose_threads(max_threads: int | None = None, *, seconds: float = 0.3) -> T
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     situation = f"{_plural(cpus, 'CPU')}, load average {load:.1f}"
     if max_threads == 1:
-        return ThreadChoice(1, f"{situation}: using 1 thread")
+        return ThreadChoice(1, 1, f"{situation}: using 1 thread")
     times = measure(candidates(max_threads), seconds=seconds)
     fastest = min(times.values())
     threads = min(count for count, t in times.items() if t <= fastest * (1 + TIE))
@@ -119,18 +258,30 @@ def choose_threads(max_threads: int | None = None, *, seconds: float = 0.3) -> T
     speedup = times[other] / times[threads]
     why = (f"{speedup:.1f}x faster than {other} right now" if speedup >= 1.05 else
            f"as fast as {other} right now, and fewer")
-    return ThreadChoice(threads, f"{situation}: using {_plural(threads, 'thread')} ({why})")
+    workers = split_workers(max_threads)
+    each = max_threads // workers
+    batches = (f"batches cut into {workers} parts side by side ({_training_parts(workers, each)} when training), "
+               f"{_plural(each, 'thread')} each")
+    return ThreadChoice(threads, workers, f"{situation}: using {_plural(threads, 'thread')} ({why}); {batches}")
+
+
+def split_workers(cpus: int) -> int:
+    """Parts per batch on `cpus` CPUs: one per CPU, at most MAX_WORKERS (each then gets several threads)."""
+    return max(1, min(cpus, MAX_WORKERS))
 
 
 def pick_threads(max_threads: int | None = None, *, seconds: float = 0.3) -> int:
-    """The number of threads that is fastest now (see choose_threads): from 1 to the CPUs available."""
+    """The number of threads for one call that is fastest now (see choose_threads)."""
     return choose_threads(max_threads, seconds=seconds).threads
 
 
 def use_best_threads(verbose: bool = True, *, max_threads: int | None = None, seconds: float = 0.3) -> int:
-    """Set torch.set_num_threads to the count that is fastest now; print why when verbose."""
+    """Set torch.set_num_threads and the batch layout (workers) to what is fastest now; print why
+    when verbose. Returns the number of threads for one call."""
     choice = choose_threads(max_threads, seconds=seconds)
     torch.set_num_threads(choice.threads)
+    cpus = min(available_cpus(), max_threads or available_cpus())
+    set_workers(choice.workers, cpus // choice.workers if choice.workers > 1 else 1)
     if verbose:
         print(f"Threads: {choice.reason}.")
     return choice.threads

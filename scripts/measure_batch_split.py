@@ -1,96 +1,55 @@
-"""Is splitting a batch between threads faster than PyTorch's own threads, idle and under load?
+"""Into how many parts should a batch be cut? Training steps and sampling runs, idle and beside a
+busy process.
 
-    python scripts/measure_batch_split.py        (about 2 minutes on 2 cores)
+    python scripts/measure_batch_split.py        (about 6 minutes on 2 cores)
 
-An experiment for issue 17, not a feature: the course's default class-conditional U-Net, one
-AdamW training step on 64 MNIST digits and one 50-digit DPM-Solver++ 20 batch of the shipped
-model, each timed (median of 6 steps / 2 batches) three ways: 1 thread; 2 threads inside each
-operation (PyTorch's default); and the batch cut in two halves run by two Python threads with 1
-thread each (for training each half's loss is backpropagated in its own thread; the gradients
-add up to the whole batch's). Two rounds, each idle and then beside a busy process started here.
+The experiment behind `threads.workers()` and `threads.training_workers()` (issue 17), on the
+workloads of benchmarks/threads.py: one step of `runs.train` (the default U-Net, 64 MNIST digits)
+and one 50-digit `generate` batch (DPM-Solver++, 20 steps). Each is timed whole on 1 and on 2
+threads, and cut into 2, 3 and 4 parts of one thread each (here the training step is cut into
+exactly that many parts, not one more as `threads.training_workers()` would). Three rounds, each
+idle and then beside a busy process started here; medians of 7 steps / 2 batches per round. At the
+end, per layout: the median idle time and the median loaded time over the best idle time of all
+layouts (benchmarks/threads.py's target measure).
 """
 
-import subprocess
+import statistics
 import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import common  # noqa: E402  (median_seconds: the median after one warm-up call)
-from diffusion_course import checkpoints, data, sampling, schedules  # noqa: E402
-from diffusion_course.unet import UNet, UNetConfig  # noqa: E402
+from benchmarks import threads as benchmark  # noqa: E402  (the workloads, time_calls, busy_process)
+from diffusion_course import threads  # noqa: E402
 
-SPIN = "x = 1\nwhile True:\n    x = (x * 1103515245 + 12345) % 2147483648\n"
-POOL = ThreadPoolExecutor(2)
-
-
-def training(batch: int = 64):
-    mnist = data.load_dataset("mnist", True)
-    x0, labels = mnist.images[:batch].clone(), mnist.labels[:batch].clone()
-    torch.manual_seed(0)
-    model = UNet(UNetConfig(num_classes=10)).train()
-    optimizer = torch.optim.AdamW(model.parameters(), 1e-3)
-    schedule = schedules.cosine_schedule()
-
-    def loss_of(part, t, noise):
-        x_t = schedules.q_sample(x0[part], t[part], schedule, noise[part])
-        return ((model(x_t, t[part], labels[part]) - noise[part]) ** 2).mean()
-
-    def step(split: bool) -> None:
-        t, noise = torch.randint(0, schedule.num_steps, (batch,)), torch.randn_like(x0)
-        optimizer.zero_grad(set_to_none=True)
-        if split:
-            halves = (slice(0, batch // 2), slice(batch // 2, batch))
-            list(POOL.map(lambda part: (loss_of(part, t, noise) / 2).backward(), halves))
-        else:
-            loss_of(slice(None), t, noise).backward()
-        optimizer.step()
-    return step
-
-
-class Halves(torch.nn.Module):
-    """model(x, t, cond) on the two halves of the batch, in two threads."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x, t, cond=None):
-        halves = (slice(0, len(x) // 2), slice(len(x) // 2, len(x)))
-        return torch.cat(list(POOL.map(lambda p: self.model(x[p], t[p] if t.ndim else t, cond[p]), halves)))
-
-
-def sampling_batch(num: int = 50):
-    checkpoint = checkpoints.load_checkpoint("mnist")
-    model, schedule = checkpoint.model.eval(), checkpoint.schedule
-    x_T, labels = torch.randn(num, 1, 28, 28, generator=torch.Generator().manual_seed(0)), torch.arange(num) % 10
-    grid = sampling.timestep_grid("dpm", schedule, 20)
-
-    def batch(split: bool) -> None:
-        with torch.no_grad():
-            sampling.dpm_solver_sample(Halves(model) if split else model, x_T, schedule, grid, cond=labels)
-    return batch
+LAYOUTS = {"whole, 1 thread": (1, 1, 1), "whole, 2 threads": (2, 1, 1), "2 parts": (1, 2, 1),
+           "3 parts": (1, 3, 1), "4 parts": (1, 4, 1)}   # (threads for one call, parts, threads per part)
 
 
 def main() -> None:
-    train, sample = training(), sampling_batch()
-    ways = [("1 thread", 1, False), ("2 threads", 2, False), ("2 halves x 1 thread", 1, True)]
-    for phase in ("idle", "loaded", "idle", "loaded"):
-        busy = subprocess.Popen([sys.executable, "-c", SPIN]) if phase == "loaded" else None
-        time.sleep(1 if busy else 0)
-        cells = []
-        for workload, action, repeats in (("train step", train, 6), ("sample batch", sample, 2)):
-            for name, threads, split in ways:
-                torch.set_num_threads(threads)
-                cells.append(f"{workload}, {name}: {common.median_seconds(lambda: action(split), repeats):.3f} s")
+    threads._training_parts = lambda workers, each: workers    # exactly the parts asked for
+    workloads = {"train step": (benchmark.training_steps(64), 7, 1),
+                 "sample batch": (benchmark.sampling_batches(50, 20), 2, 0)}
+    times = {}
+    for phase in ("idle", "loaded") * 3:
+        busy = benchmark.busy_process() if phase == "loaded" else None
         if busy:
-            busy.terminate()
-            busy.wait()
+            busy.__enter__()
+        cells = []
+        for workload, (run, repeats, warmup) in workloads.items():
+            for name, layout in LAYOUTS.items():
+                seconds = statistics.median(benchmark.time_calls(run, layout, repeats, warmup))
+                times.setdefault((workload, name, phase), []).append(seconds)
+                cells.append(f"{workload}, {name}: {seconds:.3f} s")
+        if busy:
+            busy.__exit__(None, None, None)
         print(f"{phase}: " + " | ".join(cells), flush=True)
+    for workload in workloads:
+        best_idle = min(statistics.median(times[(workload, name, "idle")]) for name in LAYOUTS)
+        for name in LAYOUTS:
+            idle, loaded = (statistics.median(times[(workload, name, phase)]) for phase in ("idle", "loaded"))
+            print(f"{workload}, {name}: idle {idle:.3f} s, loaded {loaded:.3f} s, "
+                  f"loaded / best idle {loaded / best_idle:.2f}")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffusion_course import data
+from diffusion_course import data, threads
 from diffusion_course.unet import UNet, UNetConfig
 
 
@@ -88,3 +88,12 @@ def _one_torch_thread():
         patch.setenv("DIFFUSION_COURSE_THREADS", "1")
         yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def split_into():
+    """split_into(n): cut batches into n parts of one thread each for the rest of the test
+    (threads.set_workers; runs.train then uses min(2 n, 4) parts when n > 1), restored afterwards."""
+    saved = threads.workers(), threads.threads_each()
+    yield lambda count: threads.set_workers(count)
+    threads.set_workers(*saved)

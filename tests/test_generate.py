@@ -1,11 +1,13 @@
 """generate: the one way to make images (seeds, batching, guidance, the DDPM rule, decode, layout)."""
 
 import contextlib
+import threading
+import time
 
 import pytest
 import torch
 
-from diffusion_course import checkpoints, flow
+from diffusion_course import checkpoints, flow, threads
 from diffusion_course import generate as generate_module
 from diffusion_course.generate import generate, generate_batches
 from diffusion_course.schedules import cosine_schedule
@@ -140,3 +142,58 @@ def test_a_flow_checkpoint_loads_as_a_pipeline_with_its_own_sampling(tmp_path, t
     checkpoints.save_checkpoint(tmp_path / "flow", tiny_cond_unet, None, info={"objective": "flow"})
     assert generate_module.load_pipeline(tmp_path / "flow").sampling == {"sampler": "euler", "steps": 20, "guidance": 3.0}
     assert generate_module.load_pipeline("mnist").sampling == generate_module.DEFAULT_SAMPLING
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm"])
+def test_a_batch_cut_into_parts_gives_the_same_images(tiny_cond_unet, sampler, split_into):
+    run = lambda **kw: generate(tiny_cond_unet, cosine_schedule(30), num=10, shape=(1, 8, 8), cond=torch.arange(10),
+                                sampler=sampler, sampling_steps=5, **kw)
+    whole = run(workers=1)
+    torch.testing.assert_close(run(workers=2), whole)
+    split_into(3)                                   # the default: what threads.use_best_threads chose
+    assert threads.batch_parts(10) == [slice(0, 5), slice(5, 10)]
+    torch.testing.assert_close(run(), whole)
+    torch.testing.assert_close(run(workers=2, batch_size=4), whole)
+
+
+def test_ddpm_in_parts_is_reproducible_and_each_part_has_noise_of_its_own(tiny_unet):
+    run = lambda workers: generate(tiny_unet, cosine_schedule(20), num=8, shape=(1, 8, 8), sampler="ddpm",
+                                   workers=workers)
+    two = run(2)
+    torch.testing.assert_close(run(2), two, rtol=0, atol=0)
+    assert (two - run(1)).abs().max() > 1e-3                  # other noise than the single call's
+    assert (two[:4] - two[4:]).abs().max() > 1e-3             # not the same noise in both parts
+
+
+def test_parts_are_decoded_in_their_threads_and_the_progress_bar_counts_every_part(tiny_unet, capsys):
+    decoded_in = []
+
+    def decode(x):
+        decoded_in.append((len(x), threading.current_thread() is threading.main_thread()))
+        return x * 0.5
+    images = generate(tiny_unet, cosine_schedule(30), num=8, shape=(1, 8, 8), sampler="ddim", sampling_steps=3,
+                      workers=2, decode=decode, progress=True)
+    assert images.shape == (8, 1, 8, 8) and sorted(decoded_in) == [(4, False), (4, False)]
+    assert "6/6" in capsys.readouterr().err                   # 2 parts x 3 steps
+
+
+def test_a_failing_part_stops_the_others_and_its_error_is_raised():
+    healthy_calls = []
+
+    def model(x, t, cond=None):
+        if cond[0] == 4:                                      # the second part: fails at once
+            raise ValueError("this part is broken")
+        healthy_calls.append(len(x))
+        time.sleep(0.02)
+        return torch.zeros_like(x)
+    with pytest.raises(ValueError, match="this part is broken"):
+        generate(model, cosine_schedule(100), num=8, shape=(1, 8, 8), cond=torch.arange(8), sampler="ddim",
+                 sampling_steps=50, workers=2)
+    assert 0 < len(healthy_calls) < 10                        # the first part stopped early, not after 50 steps
+
+
+@pytest.mark.parametrize("workers", [0, -1, 1.5, True])
+def test_workers_must_be_a_positive_whole_number(tiny_unet, workers):
+    with pytest.raises(ValueError, match="workers must be a whole number of at least 1"):
+        generate(tiny_unet, cosine_schedule(30), num=8, shape=(1, 8, 8), sampler="ddim", sampling_steps=2,
+                 workers=workers)

@@ -9,13 +9,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from diffusion_course import checkpoints, runs
+from diffusion_course import checkpoints, flow, runs, threads
 from diffusion_course.runs import TrainConfig, train
 from diffusion_course.schedules import cosine_schedule, linear_schedule
 from diffusion_course.training import diffusion_loss
@@ -522,3 +523,55 @@ def test_a_run_with_hflip_trains_and_differs_from_one_without(make_tiny_unet, di
     plain = train(make_tiny_unet(perturb=False), images, LOSS, config=quick_config(steps=3)).losses
     flipped = train(make_tiny_unet(perturb=False), images, LOSS, config=quick_config(steps=3, hflip=True)).losses
     assert len(flipped) == 3 and all(math.isfinite(loss) for loss in flipped) and flipped != plain
+
+
+def test_a_batch_cut_into_parts_takes_the_same_steps(make_tiny_unet, digits8, split_into):
+    images, labels = digits8
+    run = lambda: train(make_tiny_unet(num_classes=10), images, LOSS, config=quick_config(), labels=labels)
+    whole = run()
+    split_into(3)                 # one thread per part: 4 parts when training (16 images: 4 each)
+    assert threads.training_workers() == 4 and len(threads.batch_parts(16, 4)) == 4
+    parts = run()
+    # The same t and noise, sliced: the losses agree to float rounding, and so do the weights.
+    assert parts.losses == pytest.approx(whole.losses, rel=1e-5)
+    for a, b in zip(whole.model.parameters(), parts.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    again = run()                 # the gradients of the parts are added in order: the same every time
+    assert again.losses == parts.losses and same_weights(again.model, parts.model)
+
+
+def test_a_run_in_parts_resumes_exactly(make_tiny_unet, digits8, tmp_path, split_into):
+    split_into(2)
+    whole, resumed = run_in_two_parts(make_tiny_unet, digits8, tmp_path, first_part=3)
+    assert resumed.losses == whole.losses[3:]
+    assert same_weights(resumed.model, whole.model) and same_weights(resumed.ema_model, whole.ema_model)
+
+
+def test_a_loss_without_t_and_noise_in_parts_gets_a_generator_per_part(make_tiny_unet, digits8, split_into,
+                                                                         monkeypatch):
+    images, labels = digits8
+    calls = []
+
+    def flow_loss(model, x0, **options):
+        calls.append((len(x0), threading.current_thread() is threading.main_thread(), options["generator"]))
+        return flow.flow_matching_loss(model, x0, **options)
+    monkeypatch.setattr(runs, "PER_IMAGE_LOSSES", runs.PER_IMAGE_LOSSES + (flow_loss,))
+    run = lambda: train(make_tiny_unet(num_classes=10), images, flow_loss, config=quick_config(steps=2), labels=labels)
+    split_into(2)
+    first, second = run(), run()
+    assert first.losses == second.losses and same_weights(first.model, second.model)
+    assert sorted((size, main) for size, main, _ in calls[:4]) == [(4, False)] * 4
+    assert len({id(generator) for _, _, generator in calls[:4]}) == 4
+
+
+def test_a_loss_that_compares_the_images_of_a_batch_is_never_cut(make_tiny_unet, digits8, split_into):
+    images, labels = digits8
+    sizes = []
+
+    def batch_loss(model, x0, *, cond=None, generator=None):
+        sizes.append(len(x0))
+        out = model(x0, torch.full((len(x0),), 5), cond).flatten(1)
+        return (out - out.mean(0)).pow(2).mean()     # each image against the batch's mean
+    split_into(2)
+    train(make_tiny_unet(num_classes=10), images, batch_loss, config=quick_config(steps=2), labels=labels)
+    assert sizes == [16, 16]
