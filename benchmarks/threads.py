@@ -1,20 +1,24 @@
 """Threads under load: a training step and a sampling batch, idle and beside one busy process,
-at PyTorch's default thread count and at the count `threads.pick_threads` chooses.
+at PyTorch's default thread count and in the layout `threads.choose_threads` chooses.
 
     python -m benchmarks.threads          (about 3 minutes on 2 cores)
     python -m benchmarks.threads --quick  (seconds; checks that it runs)
 
-The workloads (issue 17): one training step of the course's default U-Net on a batch of 64 real
-MNIST digits (AdamW, the plain noise-prediction loss), and a batch of 50 digits from the shipped
-model with DPM-Solver++ in 20 steps. Each round measures them on the machine as it is ("idle"),
-then again while a second Python process, started here, spins on arithmetic ("loaded"); in each
-phase `pick_threads` chooses afresh. Rounds interleave the two phases so that other work on the
+The workloads (issue 17), each run through the package's own code: one step of `runs.train`
+(the course's default U-Net, a batch of 64 real MNIST digits, lesson 03's loss, AdamW, EMA),
+timed between the loop's callbacks; and a batch of 50 digits from the shipped model with
+`generate.generate`, DPM-Solver++ in 20 steps. "default" is PyTorch's thread count with batches
+not split; "chosen" is the layout `threads.choose_threads` picks: threads for one call, and the
+number of parts `runs` and `generate` cut a batch into. Each round measures them on the machine
+as it is ("idle"), then again while a second Python process, started here, spins on arithmetic
+("loaded"); in each phase `choose_threads` chooses afresh. Rounds interleave the two phases so that other work on the
 machine hits both alike; the medians of all timed calls count. The issue's target: with one
 busy process, the chosen threads take no more than 1.6x their idle time.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import subprocess
@@ -30,7 +34,7 @@ if __package__ in (None, ""):      # run as `python benchmarks/threads.py`
 import torch
 
 from benchmarks import common
-from diffusion_course import checkpoints, data, runs, sampling, schedules, threads, training
+from diffusion_course import checkpoints, data, generate, runs, schedules, threads, training
 from diffusion_course.unet import UNet, UNetConfig
 
 TARGET = 1.6        # loaded / idle time with one busy process, at the chosen threads
@@ -53,70 +57,71 @@ def busy_process(settle: float = 1.0):
             process.wait()
 
 
-def dpm_solver(model, x_T, schedule, labels, steps: int):
-    """DPM-Solver++ in `steps` model calls (the grid `diffusion-course sample` uses)."""
-    return sampling.dpm_solver_sample(model, x_T, schedule, sampling.timestep_grid("dpm", schedule, steps), cond=labels)
-
-
-def training_step(batch_size: int) -> Callable[[], None]:
-    """One optimizer step of the default class-conditional U-Net on `batch_size` real MNIST digits."""
-    mnist = data.load_dataset("mnist")
-    x0, labels = mnist.images[:batch_size].clone(), mnist.labels[:batch_size].clone()
+def training_steps(batch_size: int) -> Callable[[int], list[float]]:
+    """steps(n) -> the seconds of n more steps of `runs.train` on real MNIST digits (the default
+    class-conditional U-Net, lesson 03's loss with Min-SNR, AdamW, EMA), one call of `train` per
+    measurement: the time between the callbacks of consecutive steps."""
+    mnist = data.load_dataset("mnist", limit=max(1024, 2 * batch_size))
     torch.manual_seed(0)
-    model = UNet(UNetConfig(num_classes=10)).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=runs.TrainConfig.lr)
-    schedule = schedules.cosine_schedule()
+    model = UNet(UNetConfig(num_classes=10))
+    loss_fn = functools.partial(training.diffusion_loss, schedule=schedules.cosine_schedule(), min_snr_gamma=5.0)
 
-    def step() -> None:
-        loss = training.diffusion_loss(model, x0, schedule, cond=labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return step
+    def steps(count: int) -> list[float]:
+        stamps = []
+        config = runs.TrainConfig(steps=count + 1, minutes=None, batch_size=batch_size, progress=False,
+                                  checkpoint_minutes=None)
+        runs.train(model, mnist.images, loss_fn, config=config, labels=mnist.labels,
+                   callback=lambda step, loss: stamps.append(time.perf_counter()))
+        return [later - earlier for earlier, later in zip(stamps, stamps[1:])]
+    return steps
 
 
-def sampling_batch(num: int, steps: int) -> Callable[[], None]:
-    """`num` digits (labels 0-9 in turn) from the shipped model, DPM-Solver++ in `steps` calls."""
+def sampling_batches(num: int, steps: int) -> Callable[[int], list[float]]:
+    """batches(n) -> the seconds of each of n calls of `generate.generate`: `num` digits (labels 0-9
+    in turn) from the shipped model, DPM-Solver++ in `steps` calls, one batch."""
     checkpoint = checkpoints.load_checkpoint("mnist")
-    model, schedule = checkpoint.model.eval(), checkpoint.schedule
-    x_T = torch.randn(num, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     labels = torch.arange(num) % 10
 
-    def batch() -> None:
-        with torch.no_grad():
-            dpm_solver(model, x_T, schedule, labels, steps)
-    return batch
-
-
-def time_calls(run: Callable[[], None], num_threads: int, repeats: int, warmup: int) -> list[float]:
-    """Seconds of each of `repeats` calls at `num_threads` threads, after `warmup` untimed ones."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(num_threads)
-    try:
-        for _ in range(warmup):
-            run()
+    def batches(count: int) -> list[float]:
         times = []
-        for _ in range(repeats):
+        for _ in range(count):
             start = time.perf_counter()
-            run()
+            generate.generate(checkpoint.model, checkpoint.schedule, num=num, shape=(1, 28, 28), cond=labels,
+                              sampler="dpm", sampling_steps=steps, batch_size=num)
             times.append(time.perf_counter() - start)
         return times
+    return batches
+
+
+def time_calls(run: Callable[[int], list[float]], layout: tuple[int, int, int], repeats: int,
+               warmup: int) -> list[float]:
+    """Seconds of each of `repeats` calls in `layout` (threads for one call, parts per batch, threads
+    per part), after `warmup` untimed ones."""
+    num_threads, parts, each = layout
+    saved = torch.get_num_threads(), threads.set_workers(parts, each)
+    torch.set_num_threads(num_threads)
+    try:
+        if warmup:
+            run(warmup)
+        return run(repeats)
     finally:
-        torch.set_num_threads(saved)
+        torch.set_num_threads(saved[0])
+        threads.set_workers(saved[1])
 
 
 def measure_phase(workloads: dict, default_threads: int, args, record: dict) -> None:
-    """Choose threads now, then time every workload at the default and at the chosen count;
+    """Choose the layout now, then time every workload at the default and in the chosen layout;
     append the times and the choice to `record` (one phase: "idle" or "loaded")."""
     choice = threads.choose_threads(seconds=args.pick_seconds)
-    record["choices"].append({"threads": choice.threads, "reason": choice.reason,
-                              "load_average": round(os.getloadavg()[0], 2)})
-    common.log(f"  pick: {choice.reason}")
+    each = max(1, threads.available_cpus() // choice.workers) if choice.workers > 1 else 1
+    record["choices"].append({"threads": choice.threads, "workers": choice.workers, "threads_each": each,
+                              "reason": choice.reason, "load_average": round(os.getloadavg()[0], 2)})
+    common.log(f"  choice: {choice.reason}")
     for name, (run, repeats, warmup) in workloads.items():
-        for setting, count in (("default", default_threads), ("chosen", choice.threads)):
-            times = time_calls(run, count, repeats, warmup)
+        for setting, layout in (("default", (default_threads, 1, 1)), ("chosen", (choice.threads, choice.workers, each))):
+            times = time_calls(run, layout, repeats, warmup)
             record[name][setting] += times
-            common.log(f"  {name}, {setting} ({count}): {' '.join(f'{t:.3f}' for t in times)} s")
+            common.log(f"  {name}, {setting} {layout}: {' '.join(f'{t:.3f}' for t in times)} s")
 
 
 def summarise(phases: dict, workloads: dict) -> tuple[dict, list[dict]]:
@@ -174,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
                f"{default_threads} threads, load average {info['load_average']}")
     if os.environ.get(threads.ENV_VARIABLE):
         common.log(f"note: {threads.ENV_VARIABLE} is set, so 'chosen' is that value, not a measurement")
-    workloads = {"train_step": (training_step(args.batch_size), args.train_repeats, 1),
-                 "sample_batch": (sampling_batch(args.num_samples, args.steps), args.sample_repeats, 0)}
+    workloads = {"train_step": (training_steps(args.batch_size), args.train_repeats, 1),
+                 "sample_batch": (sampling_batches(args.num_samples, args.steps), args.sample_repeats, 0)}
     phases = {phase: {"choices": [], **{name: {"default": [], "chosen": []} for name in workloads}}
               for phase in ("idle", "loaded")}
     for index in range(args.rounds):
@@ -186,9 +191,10 @@ def main(argv: list[str] | None = None) -> int:
             measure_phase(workloads, default_threads, args, phases["loaded"])
     summary, rows = summarise(phases, workloads)
     print(common.format_table(rows, ["workload", "threads", "idle s", "loaded s", "loaded/idle", "loaded/best idle"]))
-    print(f"\ndefault: {default_threads} threads; chosen when idle: "
-          f"{[c['threads'] for c in phases['idle']['choices']]}, loaded: "
-          f"{[c['threads'] for c in phases['loaded']['choices']]}; target: chosen loaded / best idle <= {TARGET}")
+    print(f"\ndefault: {default_threads} threads, batches not split; chosen (threads, parts) when idle: "
+          f"{[(c['threads'], c['workers']) for c in phases['idle']['choices']]}, loaded: "
+          f"{[(c['threads'], c['workers']) for c in phases['loaded']['choices']]}; "
+          f"target: chosen loaded / best idle <= {TARGET}")
     results = {"workloads": summary, "default_threads": default_threads,
                "available_cpus": threads.available_cpus(), "target_ratio": TARGET,
                "choices": {phase: phases[phase]["choices"] for phase in phases},
