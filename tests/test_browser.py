@@ -159,6 +159,7 @@ def explore_slider(page, description, name: str, artifacts: Path, step: float | 
     output_top = view.cell.locator(".jp-OutputArea").first.bounding_box()["y"]
     assert slider_top - output_top < 60, f"the slider sits {slider_top - output_top:.0f} px below the top of its output"
     view.widget.scroll_into_view_if_needed()
+    view.cell.screenshot(path=str(artifacts / f"{name}-cell.png"))     # the code, then the slider, then the picture
     low, high = view.handle_value("aria-valuemin"), view.handle_value("aria-valuemax")
     value = view.handle_value()
     assert float(view.readout()) == value, f"readout {view.readout()!r} but the handle is at {value:g}"
