@@ -57,6 +57,7 @@ class _Layout:
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
 _pool_lock = threading.Lock()
+_in_part = threading.local()      # .active is True inside a part's thread
 
 
 def available_cpus() -> int:
@@ -93,6 +94,11 @@ def workers() -> int:
     """Into how many parts `generate` and `runs.train` cut a batch on a CPU (1 until use_best_threads
     chooses, or set_workers sets it)."""
     return _Layout.workers
+
+
+def threads_each() -> int:
+    """PyTorch threads in each part of a batch that is cut into parts (see set_workers)."""
+    return _Layout.threads_each
 
 
 def training_workers() -> int:
@@ -132,11 +138,6 @@ def torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(saved)
 
 
-def threads_each() -> int:
-    """PyTorch threads in each part of a batch that is cut into parts (see set_workers)."""
-    return _Layout.threads_each
-
-
 def batch_parts(size: int, count: int | None = None) -> list[slice]:
     """A batch of `size` images cut into `count` (default: workers()) nearly equal consecutive parts,
     fewer when a part would hold less than MIN_PART images; one part (the whole) when not split."""
@@ -151,20 +152,25 @@ def map_parts(fn: Callable, parts: Sequence, *, threads_each: int | None = None,
     """[fn(part) for part in parts], each call in its own thread with `threads_each` (default: the
     chosen number) PyTorch threads and the caller's gradient mode; results in the order of parts.
 
-    A single part runs here, in the calling thread, as it is. When a call raises (or the caller is
-    interrupted), `cancel` is set so that the others can stop early (e.g. a sampler's callback
-    checks it), all are waited for, and the first error is raised.
+    A single part runs here, in the calling thread, as it is; so do the parts of a call made from
+    inside a part (one after the other: the pool's threads are busy). When a call raises (or the
+    caller is interrupted), `cancel` is set so that the others can stop early (e.g. a sampler's
+    callback checks it), all are waited for, and the first error is raised.
     """
     parts = list(parts)
-    if len(parts) == 1:
-        return [fn(parts[0])]
+    if len(parts) == 1 or getattr(_in_part, "active", False):
+        return [fn(part) for part in parts]
     each = _Layout.threads_each if threads_each is None else threads_each
     grad_enabled = torch.is_grad_enabled()
 
     def work(part):
-        torch.set_num_threads(each)          # per thread: a worker's operations stay on one core
-        with torch.set_grad_enabled(grad_enabled):
-            return fn(part)
+        torch.set_num_threads(each)          # this thread's own count (OpenMP keeps one per thread)
+        _in_part.active = True
+        try:
+            with torch.set_grad_enabled(grad_enabled):
+                return fn(part)
+        finally:
+            _in_part.active = False
 
     saved = torch.get_num_threads()
     futures = [_executor(len(parts)).submit(work, part) for part in parts]

@@ -151,6 +151,14 @@ def test_a_single_part_runs_here_as_it_is(keep_threads):
     assert seen == [(7, True, 2)] and torch.get_num_threads() == 2
 
 
+def test_parts_of_a_call_from_inside_a_part_run_one_after_the_other(keep_threads):
+    inner = lambda outer: threads.map_parts(lambda p: (outer, p, threading.current_thread().name), [0, 1],
+                                            threads_each=1)
+    results = threads.map_parts(inner, ["a", "b"], threads_each=1)
+    assert [[(o, p) for o, p, _ in result] for result in results] == [[("a", 0), ("a", 1)], [("b", 0), ("b", 1)]]
+    assert all(len({name for _, _, name in result}) == 1 for result in results)   # in the part's own thread
+
+
 def test_a_failing_part_cancels_the_others_and_its_error_is_raised(keep_threads):
     torch.set_num_threads(2)
     cancel, finished = threading.Event(), []
