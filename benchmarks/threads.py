@@ -113,12 +113,11 @@ def measure_phase(workloads: dict, default_threads: int, args, record: dict) -> 
     """Choose the layout now, then time every workload at the default and in the chosen layout;
     append the times and the choice to `record` (one phase: "idle" or "loaded")."""
     choice = threads.choose_threads(seconds=args.pick_seconds)
-    each = max(1, threads.available_cpus() // choice.workers) if choice.workers > 1 else 1
-    record["choices"].append({"threads": choice.threads, "workers": choice.workers, "threads_each": each,
-                              "reason": choice.reason, "load_average": round(os.getloadavg()[0], 2)})
+    record["choices"].append({**choice._asdict(), "load_average": round(os.getloadavg()[0], 2)})
     common.log(f"  choice: {choice.reason}")
+    chosen = (choice.threads, choice.workers, choice.threads_each)
     for name, (run, repeats, warmup) in workloads.items():
-        for setting, layout in (("default", (default_threads, 1, 1)), ("chosen", (choice.threads, choice.workers, each))):
+        for setting, layout in (("default", (default_threads, 1, 1)), ("chosen", chosen)):
             times = time_calls(run, layout, repeats, warmup)
             record[name][setting] += times
             common.log(f"  {name}, {setting} {layout}: {' '.join(f'{t:.3f}' for t in times)} s")

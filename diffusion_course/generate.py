@@ -80,8 +80,10 @@ def generate_batches(model, schedule: NoiseSchedule | None, *, num: int, shape: 
     cond = None if cond is None else cond.to(device)
     model = guided(model, guidance_scale, negative)
     workers = _check_workers(workers, device)
-    batches = [range(start, min(start + batch_size, num)) for start in range(0, num, batch_size)]
-    bar = tqdm(total=sum(len(threads.batch_parts(len(b), workers)) for b in batches) * num_steps,
+    batches = [(start, [slice(start + p.start, start + p.stop)    # each batch's parts, in image indices
+                        for p in threads.batch_parts(min(batch_size, num - start), workers)])
+               for start in range(0, num, batch_size)]
+    bar = tqdm(total=sum(len(parts) for _, parts in batches) * num_steps,
                disable=not progress, unit="step", desc=f"sampling {num} with {sampler}")
     ticks, cancel = threading.Lock(), threading.Event()
 
@@ -96,13 +98,11 @@ def generate_batches(model, schedule: NoiseSchedule | None, *, num: int, shape: 
         return x if decode is None else decode(x)
 
     with _fast_layout(model, device), torch.no_grad(), bar:
-        for batch in batches:
-            parts = [slice(batch.start + p.start, batch.start + p.stop)
-                     for p in threads.batch_parts(len(batch), workers)]
+        for start, parts in batches:
             generators = [generator] if len(parts) == 1 else [_child(generator, device) for _ in parts]
             images = torch.cat(threads.map_parts(lambda job: sample_part(*job), list(zip(parts, generators)),
                                                  cancel=cancel))
-            yield batch.start, _finish(images, 1.0 if decode is not None else clip_x0)
+            yield start, _finish(images, 1.0 if decode is not None else clip_x0)
 
 
 def generate_to_file(path, model, schedule: NoiseSchedule, *, num: int, shape: tuple, cond: Tensor | None = None,

@@ -22,8 +22,9 @@ checkpoints and shows progress. Without torchrun nothing of this happens.
 
 On a CPU, one process cuts each batch into `threads.training_workers()` parts (from what
 `threads.use_best_threads` chose; 1 until then) whose forward and backward passes run side by
-side in threads, when the loss is one of PER_IMAGE_LOSSES: the same step up to float rounding, and much faster on a busy
-machine (README "Threads"). A run resumes bit-exactly with the same number of parts.
+side in threads, when the loss is one of PER_IMAGE_LOSSES: the same step up to float rounding,
+and much faster on a busy machine (README "Threads"). A run resumes bit-exactly with the same
+number of parts.
 """
 
 from __future__ import annotations
@@ -61,11 +62,11 @@ from .training import EMA, diffusion_loss, train_step
 MAY_CHANGE_ON_RESUME = ("steps", "minutes", "checkpoint_every", "checkpoint_minutes", "keep_checkpoints", "progress")
 # config.json keys written by checkpoints and by this loop; the rest are the caller's `info`.
 RUN_KEYS = ("train_config", "seconds", "ema_updates")
-OBJECTIVES = ("eps", "flow")
+OBJECTIVES = ("eps", "flow")   # what train_diffusion trains: noise prediction (lesson 03) or flow matching (lesson 10)
 # Losses that are means of one term per image, so that a batch cut into parts (threads.map_parts)
 # takes the same step. Any other loss, e.g. lesson 09's contrastive CLIP loss, which compares the
 # images of a batch with each other, always sees the whole batch.
-PER_IMAGE_LOSSES = (diffusion_loss, flow_matching_loss, reflow_loss, autoencoder_loss)   # what train_diffusion trains: noise prediction (lesson 03) or flow matching (lesson 10)
+PER_IMAGE_LOSSES = (diffusion_loss, flow_matching_loss, reflow_loss, autoencoder_loss)
 
 
 def _whole(value) -> bool:

@@ -45,6 +45,7 @@ MAX_WORKERS = 4   # parts per batch at most (measured on 2 CPUs only; on a big m
 class ThreadChoice(NamedTuple):
     threads: int     # PyTorch threads for one call (torch.set_num_threads)
     workers: int     # parts a batch is cut into, run side by side (1: not split)
+    threads_each: int  # PyTorch threads in each part
     reason: str      # one line for the learner: what was chosen and why
 
 
@@ -247,8 +248,8 @@ def choose_threads(max_threads: int | None = None, *, seconds: float = 0.3) -> T
     """
     override = threads_from_env()
     if override is not None:
-        return ThreadChoice(override, 1, f"{ENV_VARIABLE}={override}: using {_plural(override, 'thread')}, "
-                                         "batches not split")
+        return ThreadChoice(override, 1, 1, f"{ENV_VARIABLE}={override}: using {_plural(override, 'thread')}, "
+                                            "batches not split")
     if max_threads is not None and max_threads < 1:
         raise ValueError(f"max_threads={max_threads}: expected at least 1 (or None: all CPUs).")
     cpus = available_cpus()
@@ -256,7 +257,7 @@ def choose_threads(max_threads: int | None = None, *, seconds: float = 0.3) -> T
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     situation = f"{_plural(cpus, 'CPU')}, load average {load:.1f}"
     if max_threads == 1:
-        return ThreadChoice(1, 1, f"{situation}: using 1 thread")
+        return ThreadChoice(1, 1, 1, f"{situation}: using 1 thread")
     times = measure(candidates(max_threads), seconds=seconds)
     fastest = min(times.values())
     threads = min(count for count, t in times.items() if t <= fastest * (1 + TIE))
@@ -268,7 +269,7 @@ def choose_threads(max_threads: int | None = None, *, seconds: float = 0.3) -> T
     each = max_threads // workers
     batches = (f"batches cut into {workers} parts side by side ({_training_parts(workers, each)} when training), "
                f"{_plural(each, 'thread')} each")
-    return ThreadChoice(threads, workers, f"{situation}: using {_plural(threads, 'thread')} ({why}); {batches}")
+    return ThreadChoice(threads, workers, each, f"{situation}: using {_plural(threads, 'thread')} ({why}); {batches}")
 
 
 def split_workers(cpus: int) -> int:
@@ -286,8 +287,7 @@ def use_best_threads(verbose: bool = True, *, max_threads: int | None = None, se
     when verbose. Returns the number of threads for one call."""
     choice = choose_threads(max_threads, seconds=seconds)
     torch.set_num_threads(choice.threads)
-    cpus = min(available_cpus(), max_threads or available_cpus())
-    set_workers(choice.workers, cpus // choice.workers if choice.workers > 1 else 1)
+    set_workers(choice.workers, choice.threads_each)
     if verbose:
         print(f"Threads: {choice.reason}.")
     return choice.threads

@@ -98,7 +98,7 @@ def test_the_batch_layout_for_each_machine_size(keep_threads, keep_workers, monk
 def test_the_override_does_not_split_batches(keep_threads, keep_workers, monkeypatch):
     threads.set_workers(2)
     monkeypatch.setenv(threads.ENV_VARIABLE, "2")
-    assert threads.choose_threads() == (2, 1, f"{threads.ENV_VARIABLE}=2: using 2 threads, batches not split")
+    assert threads.choose_threads() == (2, 1, 1, f"{threads.ENV_VARIABLE}=2: using 2 threads, batches not split")
     threads.use_best_threads(verbose=False)
     assert threads.workers() == 1 and threads.training_workers() == 1
 
